@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install everything from nothing into a virtual environment and run every check CI runs.
+#   BANKLLM_DATA_DIR=../shared/data bash tools/check.sh
+# Env: BANKLLM_VENV (default .venv), BANKLLM_TEST_FLAGS (extra nbdev-test flags, e.g. "slow").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
+fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
+
+VENV=${BANKLLM_VENV:-.venv}
+export BANKLLM_DATA_DIR=${BANKLLM_DATA_DIR:-$(cd .. && pwd)/shared/data}
+[ -d "$BANKLLM_DATA_DIR" ] || fail "BANKLLM_DATA_DIR=$BANKLLM_DATA_DIR does not exist"
+export MPLBACKEND=Agg PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+step "install into $VENV"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+pip install -q --disable-pip-version-check "torch==2.13.0"   # the CPU build first, or pip pulls a CUDA one
+pip install -q --disable-pip-version-check -e ".[dev,qlora]"
+python -c "import torch, bankllm; print('torch', torch.__version__, '| bankllm', bankllm.__version__)"
+
+tracked_clean() { # fail when a generator changed files that are committed (or added new ones)
+  local what=$1; shift
+  local diff; diff=$(git status --porcelain -- "$@")
+  [ -z "$diff" ] || { git --no-pager diff --stat -- "$@"; echo "$diff"; fail "$what left a diff: run it and commit the result"; }
+}
+step "the work tree is clean before the checks"
+tracked_clean "an earlier step" bankllm nbs README.md
+step "nbdev-export leaves no diff"
+nbdev-export
+tracked_clean nbdev-export bankllm nbs
+step "nbdev-clean leaves no diff"
+nbdev-clean
+tracked_clean nbdev-clean nbs
+step "README.md matches nbs/index.ipynb"
+python tools/readme.py --check
+
+step "nbdev-test (notebooks)"
+nbdev-test --do-print --timing ${BANKLLM_TEST_FLAGS:+--flags "$BANKLLM_TEST_FLAGS"}
+step "pytest (tests/)"
+python -m pytest -q -rs tests
+step "nbdev-proc-nbs (docs processing; Quarto renders the site where it exists)"
+nbdev-proc-nbs
+step "all checks passed"
