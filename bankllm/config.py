@@ -7,7 +7,7 @@ Docs: https://bankllm.github.io/bankllm/config.html.md"""
 # %% auto #0
 __all__ = ['DEFAULT_BANK_PROFILE', 'Settings', 'get_config']
 
-# %% ../nbs/00_config.ipynb #004e8e47
+# %% ../nbs/00_config.ipynb #cbe67c55
 import json, os
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# %% ../nbs/00_config.ipynb #5231f58e
+# %% ../nbs/00_config.ipynb #72a46fc8
 DEFAULT_BANK_PROFILE = {
     "Bank Name": "Example Bank",
     "Customer Support Phone Number": "+1 555 0100",
@@ -34,7 +34,7 @@ DEFAULT_BANK_PROFILE = {
     "Bank App": "Example Bank app",
 }
 
-# %% ../nbs/00_config.ipynb #5b8a084a
+# %% ../nbs/00_config.ipynb #310f861a
 def _alias(*names): return Field(validation_alias=AliasChoices(*names))
 
 class Settings(BaseSettings):
@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     device: str = "auto"                # "auto", "cpu", "cuda", "cuda:1", ...
     admin_token: SecretStr|None = None  # bearer token for admin routes (model switch)
     request_timeout_s: float = Field(60.0, gt=0)  # per-request timeout for generation
+    fill_placeholders: bool = True      # models trained on Bitext templates fill {{placeholders}} from the profile
+    # the custom model
+    custom_checkpoint: Path|None = None # a checkpoint folder; None: the shipped checkpoint named by the version
     # the bank the assistant speaks for
     bank_name: str = "Example Bank"
     bank_profile: dict[str, str] = {}   # JSON object: placeholder name -> text, merged over the defaults
@@ -73,7 +76,7 @@ class Settings(BaseSettings):
     gemini_max_attempts: int = Field(4, ge=1)     # retries on 429/500/503/timeouts, first try included
     gemini_max_retry_s: float = Field(30.0, ge=0) # total time budget for the retries
 
-    @field_validator("cache_dir", "data_dir", "benchmark_log")
+    @field_validator("cache_dir", "data_dir", "benchmark_log", "custom_checkpoint")
     @classmethod
     def _expand(cls, v): return None if v is None else Path(v).expanduser()
 
@@ -82,7 +85,7 @@ class Settings(BaseSettings):
         "The bank profile: defaults, then `bank_name`, then `BANKLLM_BANK_PROFILE`"
         return {**DEFAULT_BANK_PROFILE, "Bank Name": self.bank_name, **self.bank_profile}
 
-# %% ../nbs/00_config.ipynb #b5fba1b7
+# %% ../nbs/00_config.ipynb #3bb88b0e
 def get_config(env_file:str|Path|None=None, # a `.env` file; default: `$BANKLLM_ENV_FILE` if set
                **overrides,                 # field values that win over everything else
               )->Settings:
