@@ -7,16 +7,17 @@ Docs: https://bankllm.github.io/bankllm/custom_adapter.html.md"""
 # %% auto #0
 __all__ = ['PlaceholderFiller', 'CustomAdapter', 'evaluate_checkpoint', 'stored_quality']
 
-# %% ../../nbs/11_custom_adapter.ipynb #8ec70f72
+# %% ../../nbs/11_custom_adapter.ipynb #1465042b
 import codecs, hashlib, json, math, threading, time
 
+import pandas as pd
 import torch
 from fastcore.basics import patch
 
 from .base import BadRequestError, Generation, ModelAdapter, iterate_in_thread
 from ..data import PLACEHOLDER_RE, fill_placeholders, format_prompt
 
-# %% ../../nbs/11_custom_adapter.ipynb #d5d611c2
+# %% ../../nbs/11_custom_adapter.ipynb #3683f06d
 class PlaceholderFiller:
     "Fill `{{Name}}` placeholders in streamed text, holding back only an unfinished placeholder"
     def __init__(self, profile:dict[str, str]|None, max_name:int=80):
@@ -37,7 +38,7 @@ class PlaceholderFiller:
         out, self.buf = self.buf, ""
         return fill_placeholders(out, self.profile)
 
-# %% ../../nbs/11_custom_adapter.ipynb #76646c00
+# %% ../../nbs/11_custom_adapter.ipynb #a614305d
 class CustomAdapter(ModelAdapter):
     "The from-scratch `BankingLLM` (a shipped or local checkpoint) behind the adapter contract"
     family = "custom"
@@ -77,7 +78,7 @@ class CustomAdapter(ModelAdapter):
         "The whole answer: the last item `_stream` yields"
         return [d async for d in self._stream(prompt, max_tokens, temperature, **kw)][-1]
 
-# %% ../../nbs/11_custom_adapter.ipynb #6b4458a5
+# %% ../../nbs/11_custom_adapter.ipynb #b2875c27
 @patch
 def _token_stream(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None):
     "Blocking: yield (token id, log-prob) under the model's lock"
@@ -110,7 +111,7 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
     yield Generation("".join(text), tokens=len(logprobs), prompt_tokens=len(ids), finish_reason=finish,
                      confidence=conf, ttft_ms=ttft)
 
-# %% ../../nbs/11_custom_adapter.ipynb #7146bd1e
+# %% ../../nbs/11_custom_adapter.ipynb #f24cc495
 def _weights_sha256(ckpt)->str:
     from bankllm.training import resolve_checkpoint
     with open(resolve_checkpoint(ckpt)/"model.safetensors", "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
@@ -119,7 +120,7 @@ async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.0.0", # shipp
                               data_dir=None,           # default: the data-dir setting
                               limit:int|None=None,     # evaluate only the first `limit` dev questions
                               save:bool=True,          # write `dev_quality.json` beside the weights
-                             )->"pd.DataFrame":
+                             )->pd.DataFrame:
     "Dev-split quality of a checkpoint next to the baselines; saved with the weights' sha256"
     from bankllm.data import bitext_pairs
     from bankllm.evaluation import (constant_baseline, default_classifier, evaluate, quality_table,
@@ -143,9 +144,8 @@ async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.0.0", # shipp
         out.write_text(json.dumps(dict(table=table.to_dict("records"), **table.attrs), indent=2))
     return table
 
-def stored_quality(checkpoint:str="custom_model_built_0.0.0")->"pd.DataFrame":
+def stored_quality(checkpoint:str="custom_model_built_0.0.0")->pd.DataFrame:
     "The stored dev-quality table of a checkpoint; an error if the weights changed since it was measured"
-    import pandas as pd
     from bankllm.training import resolve_checkpoint
     d = json.loads((resolve_checkpoint(checkpoint)/"dev_quality.json").read_text())
     if d["weights_sha256"] != _weights_sha256(checkpoint):
