@@ -11,7 +11,7 @@ __all__ = ['CHAT_TEMPLATE', 'SHIPPED_MODEL_CONFIG', 'SHIPPED_TRAIN_CONFIG', 'Exa
            'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint', 'training_record', 'hf_tokenizer', 'export_hf',
            'train_custom_model']
 
-# %% ../nbs/04_training.ipynb #048814b1
+# %% ../nbs/04_training.ipynb #9c9ac030
 import json, math, os, platform, random, time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model, save_file
+from tqdm.auto import tqdm
 
 from .data import bitext_pairs, format_example, format_prompt
+from .evaluation import default_classifier
 from .tokenizer import BPETokenizer, train_banking_tokenizer
 from .transformer import BankingLLM, ModelConfig, count_params, hf_state_dict, llama_config_dict
 
-# %% ../nbs/04_training.ipynb #16bcebbf
+# %% ../nbs/04_training.ipynb #8c13bdfe
 @dataclass
 class Example:
     "One tokenized chat: `ids` = prompt + answer + `<|end|><|eos|>`; the answer starts at `start`"
@@ -52,7 +54,7 @@ def collate(examples:Sequence[Example], pad_id:int, max_answer:int|None=None)->t
         y[i, start-1:len(s)-1] = torch.tensor(s[start:])  # the answer's tokens, predicted from one step before
     return x, y
 
-# %% ../nbs/04_training.ipynb #2ebea30a
+# %% ../nbs/04_training.ipynb #239d3e9f
 def length_batches(examples:Sequence[Example], batch_size:int, rng:random.Random, window:int=50)->list[list[Example]]:
     "One epoch of batches, each of similar-length examples, in random order"
     idx = list(range(len(examples))); rng.shuffle(idx)
@@ -63,7 +65,7 @@ def length_batches(examples:Sequence[Example], batch_size:int, rng:random.Random
     rng.shuffle(batches)
     return batches
 
-# %% ../nbs/04_training.ipynb #b04f8847
+# %% ../nbs/04_training.ipynb #be3bc93e
 @dataclass
 class TrainConfig:
     "How to train; saved with the checkpoint"
@@ -96,7 +98,7 @@ def max_answer_at(step:int, cfg:TrainConfig)->int|None:
         if step < until * cfg.steps: return cap
     return None
 
-# %% ../nbs/04_training.ipynb #0dfc816d
+# %% ../nbs/04_training.ipynb #57d9fc56
 def pick_device(setting:str="auto")->torch.device:
     "`setting` as a device; `auto` is CUDA when available, else CPU"
     if setting == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,7 +129,7 @@ def quick_topic_accuracy(model, tok, pairs, clf, max_new_tokens:int=48)->float:
     answers = [answer_text(model, tok, q, max_new_tokens) for q in pairs.question]
     return sum(p == i for p, i in zip(clf.predict(answers), pairs.intent)) / len(answers)
 
-# %% ../nbs/04_training.ipynb #aecb43a3
+# %% ../nbs/04_training.ipynb #a607b83c
 def _optimizer(model:BankingLLM, cfg:TrainConfig, device:torch.device)->torch.optim.AdamW:
     "AdamW with weight decay on matrices only"
     ps = [p for p in model.parameters() if p.requires_grad]
@@ -153,7 +155,7 @@ class TrainResult:
     @property
     def tokens_per_s(self)->float: return self.tokens / self.seconds if self.seconds else 0.0
 
-# %% ../nbs/04_training.ipynb #fb0cec39
+# %% ../nbs/04_training.ipynb #71abacd2
 def _evaluate(model, tok, dev_ex, dev_q, clf, cfg, res:TrainResult, step:int, cands:list, t:float):
     "Evaluate on dev, log it, and keep the state as a selection candidate while it can still win"
     model.eval()
@@ -175,13 +177,13 @@ def select_best(cands:list, res:TrainResult)->dict:
 def train(model:BankingLLM, tok:BPETokenizer,
           train_ex:Sequence[Example],          # training examples
           dev_ex:Sequence[Example],            # dev examples, for the loss
-          cfg:TrainConfig=TrainConfig(),
+          cfg:TrainConfig|None=None,           # default `TrainConfig()`
           dev_questions=None,                  # dev pairs for the quick topic check (None: loss only)
           clf=None,                            # `IntentClassifier` for the topic check
           progress:bool=True,                  # show a tqdm progress bar
          )->TrainResult:
     "Train `model` in place and restore the selected weights (see `select_best`)"
-    from tqdm.auto import tqdm
+    cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device).train()
@@ -215,7 +217,7 @@ def train(model:BankingLLM, tok:BPETokenizer,
     model.eval()
     return res
 
-# %% ../nbs/04_training.ipynb #9f67aefb
+# %% ../nbs/04_training.ipynb #eb91e338
 def plot_history(history:TrainResult|list[dict], # a `TrainResult` or a checkpoint record's `history`
                  title:str="training"):
     "Train loss, dev loss and dev topic accuracy against steps (a matplotlib figure)"
@@ -233,7 +235,7 @@ def plot_history(history:TrainResult|list[dict], # a `TrainResult` or a checkpoi
     ax.legend(loc="upper right"); fig.tight_layout()
     return fig
 
-# %% ../nbs/04_training.ipynb #b4ed5d36
+# %% ../nbs/04_training.ipynb #fd4cce56
 def checkpoints_dir()->Path:
     "The folder of checkpoints shipped inside the package"
     import bankllm
@@ -269,7 +271,7 @@ def training_record(name_or_path:str|Path="custom_model_built_0.0.0")->dict:
     "How a checkpoint was trained (its `training.json`)"
     return json.loads((resolve_checkpoint(name_or_path)/"training.json").read_text())
 
-# %% ../nbs/04_training.ipynb #46c90f11
+# %% ../nbs/04_training.ipynb #42f890c2
 def _bytes_to_unicode()->dict[int, str]:
     "GPT-2's reversible map from bytes to printable characters"
     bs = list(range(ord("!"), ord("~")+1)) + list(range(ord("¡"), ord("¬")+1)) + list(range(ord("®"), ord("ÿ")+1))
@@ -311,7 +313,7 @@ def export_hf(model:BankingLLM, tok:BPETokenizer, out_dir:str|Path)->Path:
     hf_tokenizer(tok).save_pretrained(out)
     return out
 
-# %% ../nbs/04_training.ipynb #974ba1d3
+# %% ../nbs/04_training.ipynb #0a38df98
 def _hardware(device:torch.device)->dict:
     "What the run ran on"
     hw = dict(device=str(device), torch=torch.__version__, python=platform.python_version(),
@@ -328,7 +330,6 @@ def train_custom_model(out_dir:str|Path|None=None,    # where to save; None: don
                        progress:bool=True,
                       )->tuple[BankingLLM, BPETokenizer, dict]:
     "Train tokenizer and model on the training split, select on dev, and save a checkpoint with its record"
-    from bankllm.evaluation import default_classifier
     train_cfg = train_cfg or TrainConfig()
     t0 = time.perf_counter()
     tok = train_banking_tokenizer(vocab_size, data_dir)
@@ -355,7 +356,7 @@ def train_custom_model(out_dir:str|Path|None=None,    # where to save; None: don
     if out_dir is not None: save_checkpoint(model, tok, out_dir, record)
     return model, tok, record
 
-# %% ../nbs/04_training.ipynb #3cab5454
+# %% ../nbs/04_training.ipynb #2bcae3f9
 SHIPPED_MODEL_CONFIG = ModelConfig(vocab_size=4096, block_size=320, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
 SHIPPED_TRAIN_CONFIG = TrainConfig(steps=1300, batch_size=16, lr=2e-3, min_lr=1e-4, warmup=100,
                                    curriculum=((0.4, 64), (1.0, None)), eval_every=200, eval_questions=78,

@@ -7,7 +7,7 @@ Docs: https://bankllm.github.io/bankllm/custom_adapter.html.md"""
 # %% auto #0
 __all__ = ['PlaceholderFiller', 'CustomAdapter', 'evaluate_checkpoint', 'stored_quality']
 
-# %% ../../nbs/11_custom_adapter.ipynb #1465042b
+# %% ../../nbs/11_custom_adapter.ipynb #6d85b550
 import codecs, hashlib, json, math, threading, time
 
 import pandas as pd
@@ -15,9 +15,13 @@ import torch
 from fastcore.basics import patch
 
 from .base import BadRequestError, Generation, ModelAdapter, iterate_in_thread
-from ..data import PLACEHOLDER_RE, fill_placeholders, format_prompt
+from ..data import bitext_pairs, fill_placeholders, format_prompt
+from ..evaluation import (constant_baseline, default_classifier, evaluate, quality_table, reference_baseline,
+                                retrieval_baseline)
+from ..training import load_checkpoint, pick_device, resolve_checkpoint
+from ..transformer import model_memory_mb
 
-# %% ../../nbs/11_custom_adapter.ipynb #3683f06d
+# %% ../../nbs/11_custom_adapter.ipynb #885ac2d0
 class PlaceholderFiller:
     "Fill `{{Name}}` placeholders in streamed text, holding back only an unfinished placeholder"
     def __init__(self, profile:dict[str, str]|None, max_name:int=80):
@@ -38,7 +42,7 @@ class PlaceholderFiller:
         out, self.buf = self.buf, ""
         return fill_placeholders(out, self.profile)
 
-# %% ../../nbs/11_custom_adapter.ipynb #a614305d
+# %% ../../nbs/11_custom_adapter.ipynb #2bd2042e
 class CustomAdapter(ModelAdapter):
     "The from-scratch `BankingLLM` (a shipped or local checkpoint) behind the adapter contract"
     family = "custom"
@@ -50,35 +54,28 @@ class CustomAdapter(ModelAdapter):
         self.fill = self.config.fill_placeholders if fill_placeholders is None else fill_placeholders
         self.model = self.tok = None
         self._gen_lock = threading.Lock()
-        self._device = None
+        self._device = pick_device(self.config.device)  # CUDA when present, unless the setting says otherwise
 
     @property
-    def device(self)->str:
-        if self._device is None:
-            from bankllm.training import pick_device
-            self._device = pick_device(self.config.device)
-        return str(self._device)
+    def device(self)->str: return str(self._device)
 
     def _load(self):
-        from bankllm.training import load_checkpoint
         self.model, self.tok = load_checkpoint(self.checkpoint, self.device)
 
     async def _health(self):
-        from bankllm.training import resolve_checkpoint
         if self.loaded: return True, None
         try: resolve_checkpoint(self.checkpoint)
         except FileNotFoundError as e: return False, str(e)
         return True, None
 
     def _memory_mb(self):
-        from bankllm.transformer import model_memory_mb
         return model_memory_mb(self.model) if self.model is not None else None
 
     async def _generate(self, prompt, max_tokens, temperature, **kw):
         "The whole answer: the last item `_stream` yields"
         return [d async for d in self._stream(prompt, max_tokens, temperature, **kw)][-1]
 
-# %% ../../nbs/11_custom_adapter.ipynb #b2875c27
+# %% ../../nbs/11_custom_adapter.ipynb #e523fa5a
 @patch
 def _token_stream(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None):
     "Blocking: yield (token id, log-prob) under the model's lock"
@@ -111,9 +108,8 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
     yield Generation("".join(text), tokens=len(logprobs), prompt_tokens=len(ids), finish_reason=finish,
                      confidence=conf, ttft_ms=ttft)
 
-# %% ../../nbs/11_custom_adapter.ipynb #f24cc495
+# %% ../../nbs/11_custom_adapter.ipynb #1f4128d3
 def _weights_sha256(ckpt)->str:
-    from bankllm.training import resolve_checkpoint
     with open(resolve_checkpoint(ckpt)/"model.safetensors", "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
 
 async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.0.0", # shipped name or folder
@@ -122,10 +118,6 @@ async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.0.0", # shipp
                               save:bool=True,          # write `dev_quality.json` beside the weights
                              )->pd.DataFrame:
     "Dev-split quality of a checkpoint next to the baselines; saved with the weights' sha256"
-    from bankllm.data import bitext_pairs
-    from bankllm.evaluation import (constant_baseline, default_classifier, evaluate, quality_table,
-                                    reference_baseline, retrieval_baseline)
-    from bankllm.training import resolve_checkpoint
     clf, dev = default_classifier(data_dir), bitext_pairs("dev", data_dir)
     if limit: dev = dev.iloc[:limit]
     adapter = CustomAdapter(checkpoint=checkpoint, fill_placeholders=False)
@@ -146,7 +138,6 @@ async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.0.0", # shipp
 
 def stored_quality(checkpoint:str="custom_model_built_0.0.0")->pd.DataFrame:
     "The stored dev-quality table of a checkpoint; an error if the weights changed since it was measured"
-    from bankllm.training import resolve_checkpoint
     d = json.loads((resolve_checkpoint(checkpoint)/"dev_quality.json").read_text())
     if d["weights_sha256"] != _weights_sha256(checkpoint):
         raise ValueError(f"dev_quality.json of {checkpoint} was measured on other weights: run evaluate_checkpoint again")
