@@ -6,11 +6,11 @@ Docs: https://bankllm.github.io/bankllm/data.html.md"""
 
 # %% auto #0
 __all__ = ['DATA_SOURCES', 'DOWNLOAD_TIMEOUT', 'SPLITS', 'DEV_FRACTION', 'SEED', 'BITEXT_COLUMNS', 'PLACEHOLDER_RE',
-           'SPECIAL_TOKENS', 'STOP_TOKENS', 'SYSTEM_PROMPT', 'download_file', 'data_file', 'stratified_split',
-           'load_banking77', 'load_bitext', 'placeholders_in', 'fill_placeholders', 'system_prompt',
+           'SPECIAL_TOKENS', 'STOP_TOKENS', 'SYSTEM_PROMPT', 'file_sha256', 'download_file', 'data_file',
+           'stratified_split', 'load_banking77', 'load_bitext', 'placeholders_in', 'fill_placeholders', 'system_prompt',
            'normalize_question', 'format_prompt', 'format_example', 'chat_messages', 'bitext_pairs']
 
-# %% ../nbs/01_data.ipynb #d101e873
+# %% ../nbs/01_data.ipynb #146f4847
 import hashlib, os, re, shutil, tempfile, urllib.request
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import pandas as pd
 
 from .config import Settings, get_config
 
-# %% ../nbs/01_data.ipynb #18c8c12b
+# %% ../nbs/01_data.ipynb #bbdbfd00
 DATA_SOURCES = {
     "banking77": dict(
         title="BANKING77", path="banking77/train.csv", cache="banking77/train.csv",
@@ -33,8 +33,8 @@ DATA_SOURCES = {
 }
 DOWNLOAD_TIMEOUT = 60  # seconds a stalled connection may wait before the download gives up
 
-# %% ../nbs/01_data.ipynb #e587a016
-def _sha256(path:Path)->str:
+# %% ../nbs/01_data.ipynb #1130c3b2
+def file_sha256(path:Path)->str:
     "Hex sha256 of the file at `path`"
     with open(path, "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -48,25 +48,25 @@ def download_file(url:str,               # http(s) URL (or file:// for tests)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r: shutil.copyfileobj(r, f)
-        if sha256 and (got := _sha256(tmp)) != sha256:
+        if sha256 and (got := file_sha256(tmp)) != sha256:
             raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {got}")
         os.replace(tmp, dest)
-        return sha256 or _sha256(dest)
+        return sha256 or file_sha256(dest)
     finally: Path(tmp).unlink(missing_ok=True)
 
-# %% ../nbs/01_data.ipynb #9b2c93f6
+# %% ../nbs/01_data.ipynb #7a256929
 def _expected_sha256(src:dict, dest:Path)->str:
     "The pinned digest, else the one recorded beside `dest` (recorded now if missing)"
     if src["sha256"]: return src["sha256"]
     sidecar = dest.with_name(dest.name + ".sha256")
-    if not sidecar.is_file(): sidecar.write_text(_sha256(dest) + "\n")
+    if not sidecar.is_file(): sidecar.write_text(file_sha256(dest) + "\n")
     return sidecar.read_text().strip()
 
 def _cached(src:dict, cache_dir:Path)->Path:
     "The verified cached copy of `src`, downloaded first if missing"
     dest = cache_dir/"data"/src["cache"]
     if not dest.is_file(): download_file(src["url"], dest, src["sha256"])
-    if (got := _sha256(dest)) != (want := _expected_sha256(src, dest)):
+    if (got := file_sha256(dest)) != (want := _expected_sha256(src, dest)):
         raise ValueError(f"sha256 mismatch for cached {dest}: expected {want}, got {got}; delete it to download again")
     return dest
 
@@ -88,7 +88,7 @@ def data_file(name:str,                     # a key of `DATA_SOURCES`: "banking7
     try: return _cached(src, cfg.cache_dir)
     except OSError as e: raise FileNotFoundError(_not_found(src, data_dir, cfg.cache_dir, e)) from e
 
-# %% ../nbs/01_data.ipynb #9b18b7c4
+# %% ../nbs/01_data.ipynb #19cf1022
 SPLITS = ("train", "dev")
 DEV_FRACTION = 0.1  # share of each intent's distinct texts held out for dev
 SEED = 42
@@ -117,7 +117,7 @@ def stratified_split(df:pd.DataFrame,  # one row per example
     dev = rank <= (n*frac).round().clip(lower=1, upper=n-1)
     return df[dev if split == "dev" else ~dev].reset_index(drop=True)
 
-# %% ../nbs/01_data.ipynb #7e038866
+# %% ../nbs/01_data.ipynb #1ee523c5
 def _read_csv(path:Path)->pd.DataFrame:
     "A CSV with every cell as text (no NaN for 'NA' or 'None')"
     return pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -130,7 +130,7 @@ def load_banking77(split:str="train",             # "train" or "dev"
     df = _read_csv(data_file("banking77", data_dir)).rename(columns={"category": "intent"})
     return stratified_split(df[["text", "intent"]], split, key="text")
 
-# %% ../nbs/01_data.ipynb #70b91308
+# %% ../nbs/01_data.ipynb #09cb9853
 BITEXT_COLUMNS = ["instruction", "intent", "category", "response", "tags"]
 
 def load_bitext(split:str="train",             # "train" or "dev"
@@ -141,7 +141,7 @@ def load_bitext(split:str="train",             # "train" or "dev"
     df = _read_csv(data_file("bitext", data_dir))[BITEXT_COLUMNS]
     return stratified_split(df, split, key="instruction")
 
-# %% ../nbs/01_data.ipynb #ddf3489d
+# %% ../nbs/01_data.ipynb #6c218b28
 PLACEHOLDER_RE = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")  # {{Name}}; group 1 is the name
 
 def placeholders_in(text:str)->list[str]:
@@ -155,7 +155,7 @@ def fill_placeholders(text:str,                 # a template with `{{Name}}` hol
     profile = get_config().placeholders if profile is None else profile
     return PLACEHOLDER_RE.sub(lambda m: profile.get(m[1], m[1]), text)
 
-# %% ../nbs/01_data.ipynb #93169f07
+# %% ../nbs/01_data.ipynb #f00868ee
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 STOP_TOKENS = ("<|end|>", "<|eos|>")  # generation ends at either
 SYSTEM_PROMPT = ("You are the customer assistant of {bank_name}, a retail bank. Answer the customer's banking "
@@ -176,7 +176,7 @@ def normalize_question(text:str)->str:
     "`text` with whitespace collapsed and trimmed; `ValueError` if it holds a special token"
     return _no_special(" ".join(text.split()), "question")
 
-# %% ../nbs/01_data.ipynb #30b0af0b
+# %% ../nbs/01_data.ipynb #e998a436
 def format_prompt(question:str,         # the customer's message
                   system:str|None=None, # optional system prompt, e.g. `system_prompt()`
                  )->str:                # ends with `<|assistant|>`: the model continues from here
@@ -196,7 +196,7 @@ def chat_messages(question:str, system:str|None=None)->list[dict]:
     msgs = [{"role": "system", "content": system.strip()}] if system else []
     return msgs + [{"role": "user", "content": normalize_question(question)}]
 
-# %% ../nbs/01_data.ipynb #29b2d0a1
+# %% ../nbs/01_data.ipynb #4aac5311
 def bitext_pairs(split:str="train",             # "train" or "dev"
                  data_dir:str|Path|None=None,  # default: the `data_dir` setting, else download
                 )->pd.DataFrame:               # columns `question`, `answer`, `intent`

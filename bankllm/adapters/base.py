@@ -8,9 +8,8 @@ Docs: https://bankllm.github.io/bankllm/adapter_base.html.md"""
 __all__ = ['AdapterError', 'BadRequestError', 'ModelUnavailableError', 'RateLimitedError', 'AdapterTimeoutError', 'Generation',
            'GenerationResult', 'percentile', 'process_rss_mb', 'iterate_in_thread', 'ModelAdapter', 'EchoAdapter']
 
-# %% ../../nbs/10_adapter_base.ipynb #ad5d4fe4
+# %% ../../nbs/10_adapter_base.ipynb #9620e63d
 import asyncio, os, threading, time
-from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -20,7 +19,7 @@ from fastcore.basics import patch
 
 from ..config import Settings, get_config
 
-# %% ../../nbs/10_adapter_base.ipynb #1581a94c
+# %% ../../nbs/10_adapter_base.ipynb #9d6064b9
 class AdapterError(Exception):
     "Base of every error an adapter raises; `status_code` is the HTTP status the API answers with"
     status_code: ClassVar[int] = 502
@@ -46,7 +45,7 @@ class AdapterTimeoutError(AdapterError):
     "The backend did not answer within the timeout"
     status_code = 504
 
-# %% ../../nbs/10_adapter_base.ipynb #52b5dbc3
+# %% ../../nbs/10_adapter_base.ipynb #ef4971be
 @dataclass
 class Generation:
     "What a backend hook reports: the text and what the backend knows about it"
@@ -78,7 +77,7 @@ class GenerationResult(Mapping):
     def _keys(cls): return [f.name for f in fields(cls)]
     def to_dict(self)->dict: return asdict(self)
 
-# %% ../../nbs/10_adapter_base.ipynb #2a83d712
+# %% ../../nbs/10_adapter_base.ipynb #47ad4519
 def percentile(values:list[float], # samples, any order
                q:float,            # 0..100
               )->float|None:       # None when there are no samples
@@ -89,7 +88,7 @@ def percentile(values:list[float], # samples, any order
     lo = int(pos); hi = min(lo+1, len(xs)-1)
     return xs[lo] + (xs[hi]-xs[lo]) * (pos-lo)
 
-# %% ../../nbs/10_adapter_base.ipynb #84c32d0b
+# %% ../../nbs/10_adapter_base.ipynb #79beffa5
 def process_rss_mb()->float|None:
     "Resident memory of this process in MiB (Linux `/proc`), or None where unavailable"
     try:
@@ -97,7 +96,7 @@ def process_rss_mb()->float|None:
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError, AttributeError): return None
 
-# %% ../../nbs/10_adapter_base.ipynb #84e06604
+# %% ../../nbs/10_adapter_base.ipynb #7d32e2c2
 @dataclass
 class _Metrics:
     "Counters and a sliding window of recent latencies"
@@ -124,7 +123,7 @@ class _Metrics:
         k = type(exc).__name__
         self.errors_by_type[k] = self.errors_by_type.get(k, 0) + 1
 
-# %% ../../nbs/10_adapter_base.ipynb #cb85ebe2
+# %% ../../nbs/10_adapter_base.ipynb #e1b50aeb
 _DONE = object()
 
 async def iterate_in_thread(make_iter:Callable[[], Iterator], # called in the worker thread; returns the iterator
@@ -148,9 +147,15 @@ async def iterate_in_thread(make_iter:Callable[[], Iterator], # called in the wo
         stop.set()
         await asyncio.shield(fut)
 
-# %% ../../nbs/10_adapter_base.ipynb #f3099264
-class ModelAdapter(ABC):
-    "One async contract for every model; a backend implements `_generate` (and optionally a few more hooks)"
+# %% ../../nbs/10_adapter_base.ipynb #9b6de0d8
+def _gathered(parts:list[str], final:Generation|None)->Generation:
+    "One `Generation` from streamed text `parts` and the backend's closing `Generation`, if any"
+    if final is None: return Generation("".join(parts), tokens=len(parts))
+    return Generation(**{**asdict(final), "text": "".join(parts) if parts else final.text})
+
+# %% ../../nbs/10_adapter_base.ipynb #573b0a8f
+class ModelAdapter:
+    "One async contract for every model; a backend implements `_generate` or `_stream` (and optionally a few more hooks)"
     family: ClassVar[str] = "base"            # registry name, e.g. "custom"
     max_tokens_limit: ClassVar[int] = 4096    # the largest `max_tokens` a caller may ask for
 
@@ -165,6 +170,9 @@ class ModelAdapter(ABC):
         self.load_count = 0
         self._load_lock = threading.Lock()
         self._metrics = _Metrics()
+        self.last_stream_result: GenerationResult|None = None  # timings and counts of the latest finished `stream`
+        if type(self)._generate is ModelAdapter._generate and type(self)._stream is ModelAdapter._stream:
+            raise TypeError(f"{type(self).__name__} must implement _generate or _stream")
 
     @property
     def name(self)->str: return self.family
@@ -173,11 +181,15 @@ class ModelAdapter(ABC):
     def __repr__(self): return f"{type(self).__name__}(version={self.version!r})"
 
     # --- hooks -------------------------------------------------------------------------------------------
-    @abstractmethod
     async def _generate(self, prompt:str, max_tokens:int, temperature:float, **kw)->Generation:
-        "Generate an answer to `prompt` (already validated); the only hook a backend must write"
+        "The whole answer to `prompt` (already validated); default: gathered from `_stream`"
+        parts, final = [], None
+        async for d in self._stream(prompt, max_tokens, temperature, **kw):
+            if isinstance(d, Generation): final = d
+            else: parts.append(d)
+        return _gathered(parts, final)
     async def _stream(self, prompt:str, max_tokens:int, temperature:float, **kw)->AsyncIterator[str|Generation]:
-        "Yield text deltas, optionally ending with a `Generation` carrying counts; default: one chunk"
+        "Yield text deltas, optionally ending with a `Generation` carrying counts; default: `_generate` as one chunk"
         yield await self._generate(prompt, max_tokens, temperature, **kw)
     def _load(self):
         "Load weights or clients (blocking is fine: runs once, in a worker thread)"
@@ -188,7 +200,7 @@ class ModelAdapter(ABC):
         "Memory this model holds, measured; default the process RSS"
         return process_rss_mb()
 
-# %% ../../nbs/10_adapter_base.ipynb #c53d60d5
+# %% ../../nbs/10_adapter_base.ipynb #f70054eb
 def _load_once(self:ModelAdapter):
     with self._load_lock:
         if self.loaded: return
@@ -205,7 +217,7 @@ async def load(self:ModelAdapter)->"ModelAdapter":
         except Exception as e: raise ModelUnavailableError(f"{self.version}: failed to load: {e}") from e
     return self
 
-# %% ../../nbs/10_adapter_base.ipynb #59243a6b
+# %% ../../nbs/10_adapter_base.ipynb #e0658470
 @patch
 def _validate(self:ModelAdapter, prompt, max_tokens, temperature):
     if not isinstance(prompt, str) or not prompt.strip():
@@ -216,7 +228,7 @@ def _validate(self:ModelAdapter, prompt, max_tokens, temperature):
         raise BadRequestError(f"temperature must be a number from 0 to 2, got {temperature!r}")
     return prompt.strip(), max_tokens, float(temperature)
 
-# %% ../../nbs/10_adapter_base.ipynb #53622dc1
+# %% ../../nbs/10_adapter_base.ipynb #cb8a627a
 @patch
 def _as_adapter_error(self:ModelAdapter, e:BaseException)->AdapterError:
     if isinstance(e, AdapterError): return e
@@ -231,7 +243,7 @@ def _result(self:ModelAdapter, g:Generation, latency_ms, ttft_ms)->GenerationRes
                             ttft_ms=ttft_ms, finish_reason=g.finish_reason, confidence=g.confidence,
                             model_version=self.version, device=self.device)
 
-# %% ../../nbs/10_adapter_base.ipynb #514f9954
+# %% ../../nbs/10_adapter_base.ipynb #4892ed81
 @patch
 async def generate(self:ModelAdapter,
                    prompt:str,             # the customer's message
@@ -252,7 +264,7 @@ async def generate(self:ModelAdapter,
     ms = (time.perf_counter()-t0)*1000
     return self._result(g, ms, g.ttft_ms if g.ttft_ms is not None else ms)
 
-# %% ../../nbs/10_adapter_base.ipynb #8f1c2ca5
+# %% ../../nbs/10_adapter_base.ipynb #f41821dc
 @patch
 async def stream(self:ModelAdapter, prompt:str, max_tokens:int=100, temperature:float=0.7, **kw)->AsyncIterator[str]:
     "Answer `prompt`, yielding text deltas as they come; timed and counted like `generate`"
@@ -271,11 +283,9 @@ async def stream(self:ModelAdapter, prompt:str, max_tokens:int=100, temperature:
         err = self._as_adapter_error(e)
         self._metrics.fail(err)
         raise err from (None if err is e else e)
-    ms = (time.perf_counter()-t0)*1000
-    final = final or Generation("".join(parts), tokens=len(parts))
-    self.last_stream_result = self._result(Generation(**{**asdict(final), "text": "".join(parts)}), ms, ttft)
+    self.last_stream_result = self._result(_gathered(parts, final), (time.perf_counter()-t0)*1000, ttft)
 
-# %% ../../nbs/10_adapter_base.ipynb #80ca0ae0
+# %% ../../nbs/10_adapter_base.ipynb #163d3140
 @patch
 def get_metrics(self:ModelAdapter)->dict[str, Any]:
     "Requests, errors, latency percentiles (ms, recent window), time to first token, tokens/s, device, memory"
@@ -296,7 +306,7 @@ async def health_check(self:ModelAdapter)->bool:
     self.health_reason = None if ok else (reason or "unhealthy")
     return bool(ok)
 
-# %% ../../nbs/10_adapter_base.ipynb #cdafadaa
+# %% ../../nbs/10_adapter_base.ipynb #c07a9197
 class EchoAdapter(ModelAdapter):
     "A deterministic test backend: echoes the question word by word; can be slow or fail on request"
     family = "echo"
@@ -316,9 +326,6 @@ class EchoAdapter(ModelAdapter):
             yield w
         yield Generation("".join(words), tokens=len(words), prompt_tokens=len(prompt.split()),
                          finish_reason="length" if cut else "stop", confidence=1/(1+len(words)/100))
-
-    async def _generate(self, prompt, max_tokens, temperature, **kw):
-        return [g async for g in self._stream(prompt, max_tokens, temperature, **kw)][-1]
 
     async def _health(self):
         return (False, f"configured to fail with {self.fail_with!r}") if self.fail_with else (True, None)

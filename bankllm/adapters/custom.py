@@ -7,21 +7,21 @@ Docs: https://bankllm.github.io/bankllm/custom_adapter.html.md"""
 # %% auto #0
 __all__ = ['PlaceholderFiller', 'CustomAdapter', 'evaluate_checkpoint', 'stored_quality']
 
-# %% ../../nbs/11_custom_adapter.ipynb #6d85b550
-import codecs, hashlib, json, math, threading, time
+# %% ../../nbs/11_custom_adapter.ipynb #4d36cf02
+import codecs, json, math, threading, time
 
 import pandas as pd
 import torch
 from fastcore.basics import patch
 
 from .base import BadRequestError, Generation, ModelAdapter, iterate_in_thread
-from ..data import bitext_pairs, fill_placeholders, format_prompt
+from ..data import bitext_pairs, file_sha256, fill_placeholders, format_prompt
 from ..evaluation import (constant_baseline, default_classifier, evaluate, quality_table, reference_baseline,
                                 retrieval_baseline)
 from ..training import load_checkpoint, pick_device, resolve_checkpoint
 from ..transformer import model_memory_mb
 
-# %% ../../nbs/11_custom_adapter.ipynb #885ac2d0
+# %% ../../nbs/11_custom_adapter.ipynb #e89de691
 class PlaceholderFiller:
     "Fill `{{Name}}` placeholders in streamed text, holding back only an unfinished placeholder"
     def __init__(self, profile:dict[str, str]|None, max_name:int=80):
@@ -42,7 +42,7 @@ class PlaceholderFiller:
         out, self.buf = self.buf, ""
         return fill_placeholders(out, self.profile)
 
-# %% ../../nbs/11_custom_adapter.ipynb #2bd2042e
+# %% ../../nbs/11_custom_adapter.ipynb #f00b1726
 class CustomAdapter(ModelAdapter):
     "The from-scratch `BankingLLM` (a shipped or local checkpoint) behind the adapter contract"
     family = "custom"
@@ -71,11 +71,7 @@ class CustomAdapter(ModelAdapter):
     def _memory_mb(self):
         return model_memory_mb(self.model) if self.model is not None else None
 
-    async def _generate(self, prompt, max_tokens, temperature, **kw):
-        "The whole answer: the last item `_stream` yields"
-        return [d async for d in self._stream(prompt, max_tokens, temperature, **kw)][-1]
-
-# %% ../../nbs/11_custom_adapter.ipynb #e523fa5a
+# %% ../../nbs/11_custom_adapter.ipynb #4c1a04d4
 @patch
 def _token_stream(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None):
     "Blocking: yield (token id, log-prob) under the model's lock"
@@ -108,9 +104,8 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
     yield Generation("".join(text), tokens=len(logprobs), prompt_tokens=len(ids), finish_reason=finish,
                      confidence=conf, ttft_ms=ttft)
 
-# %% ../../nbs/11_custom_adapter.ipynb #1f4128d3
-def _weights_sha256(ckpt)->str:
-    with open(resolve_checkpoint(ckpt)/"model.safetensors", "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
+# %% ../../nbs/11_custom_adapter.ipynb #1bf42fae
+def _weights_sha256(ckpt)->str: return file_sha256(resolve_checkpoint(ckpt)/"model.safetensors")
 
 async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.0.0", # shipped name or folder
                               data_dir=None,           # default: the data-dir setting
