@@ -7,7 +7,7 @@ Docs: https://bankllm.github.io/bankllm/config.html.md"""
 # %% auto #0
 __all__ = ['DEFAULT_BANK_PROFILE', 'Settings', 'get_config']
 
-# %% ../nbs/00_config.ipynb #cbe67c55
+# %% ../nbs/00_config.ipynb #c59ded26
 import json, os
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# %% ../nbs/00_config.ipynb #72a46fc8
+# %% ../nbs/00_config.ipynb #a027afd9
 DEFAULT_BANK_PROFILE = {
     "Bank Name": "Example Bank",
     "Customer Support Phone Number": "+1 555 0100",
@@ -34,7 +34,7 @@ DEFAULT_BANK_PROFILE = {
     "Bank App": "Example Bank app",
 }
 
-# %% ../nbs/00_config.ipynb #310f861a
+# %% ../nbs/00_config.ipynb #02878e1a
 def _alias(*names): return Field(validation_alias=AliasChoices(*names))
 
 class Settings(BaseSettings):
@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     qlora_engine: Literal["auto", "vllm", "transformers", "openai"] = "auto"
     qlora_remote_url: str|None = None   # OpenAI-compatible server, e.g. http://host:8000/v1
     qlora_api_key: SecretStr|None = None  # key for that server, if it needs one
+    qlora_remote_model: str = "bank"    # the model name on that server: the LoRA module name of `vllm serve --lora-modules`
+    qlora_load_in_4bit: bool = True     # transformers engine: serve the base in 4-bit NF4, as it was fine-tuned
     # Gemini
     gemini_api_key: SecretStr|None = Field(None,
         validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY", "gemini_api_key"))
@@ -75,6 +77,7 @@ class Settings(BaseSettings):
     gemini_timeout_s: float = Field(30.0, gt=0)   # one HTTP request
     gemini_max_attempts: int = Field(4, ge=1)     # retries on 429/500/503/timeouts, first try included
     gemini_max_retry_s: float = Field(30.0, ge=0) # total time budget for the retries
+    gemini_logprobs: bool = False       # ask for token log-probs (confidence); several models reject it with a 400
 
     @field_validator("cache_dir", "data_dir", "benchmark_log", "custom_checkpoint")
     @classmethod
@@ -85,7 +88,7 @@ class Settings(BaseSettings):
         "The bank profile: defaults, then `bank_name`, then `BANKLLM_BANK_PROFILE`"
         return {**DEFAULT_BANK_PROFILE, "Bank Name": self.bank_name, **self.bank_profile}
 
-# %% ../nbs/00_config.ipynb #3bb88b0e
+# %% ../nbs/00_config.ipynb #9c49c39a
 def get_config(env_file:str|Path|None=None, # a `.env` file; default: `$BANKLLM_ENV_FILE` if set
                **overrides,                 # field values that win over everything else
               )->Settings:

@@ -15,6 +15,18 @@ from conftest import TEST_FAMILY
 
 # family -> callable returning an adapter wired to its test environment; default: `ModelFactory.create(family)`
 ADAPTER_BUILDERS: dict = {}
+
+
+def _gemini(family):
+    "The real google-genai SDK against the fake Gemini server (tests/fake_gemini.py), with a fake key"
+    from fake_gemini import shared_server
+    from bankllm.config import get_config
+    from bankllm.factory import DEFAULT_VERSIONS
+    fake = shared_server().reset()
+    return ModelFactory.create(DEFAULT_VERSIONS[family], get_config(gemini_api_key="fake-contract-key", gemini_base_url=fake.url))
+
+ADAPTER_BUILDERS["gemini"] = _gemini
+
 FAMILIES = sorted({*ModelFactory.REGISTRY, TEST_FAMILY})
 PROMPT = "I still have not received my new card, what should I do?"
 RESULT_KEYS = {"text", "latency_ms", "tokens", "prompt_tokens", "ttft_ms", "finish_reason", "confidence",
