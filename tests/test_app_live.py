@@ -1,0 +1,146 @@
+"""The app under a real uvicorn server on a loopback port, driven by real clients: the official `openai` client
+(plain and streaming), httpx, a load test (500 requests at concurrency 32), and the shipped custom model once.
+Timings are printed (`pytest -s`), never asserted."""
+import asyncio, socket, threading, time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from bankllm.adapters.base import EchoAdapter, percentile
+from bankllm.app import create_app
+from bankllm.benchmark import BenchmarkSuite
+from bankllm.config import get_config
+from bankllm.pipeline import BankingLLMPipeline
+
+ADMIN = "live-admin-token-5e8a"
+
+def free_port()->int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+class LiveServer:
+    "uvicorn serving `app` on a free loopback port, in a background thread"
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on", access_log=False))
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline: raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("live")
+    cfg = get_config(llm_model_version="echo", benchmark_log=tmp/"bench.jsonl", admin_token=ADMIN,
+                     benchmark_interval_requests=100)
+    pipe = BankingLLMPipeline(cfg, model=EchoAdapter("echo", cfg), benchmark_models=["echo"],
+                              suite=BenchmarkSuite(n_dev=0, warmup=0, max_tokens=8))
+    with LiveServer(create_app(pipe)) as srv:
+        srv.pipe = pipe
+        yield srv
+
+@pytest.fixture
+def oai(live): return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+def test_openai_client_plain(oai):
+    r = oai.chat.completions.create(model="echo", messages=[{"role": "system", "content": "Be brief."},
+                                                            {"role": "user", "content": "What are the ATM fees?"}],
+                                    max_tokens=32, temperature=0)
+    print(f"\n[openai plain] model={r.model} finish={r.choices[0].finish_reason} usage={r.usage.model_dump()}\n"
+          f"  {r.choices[0].message.content!r}")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == "You asked: What are the ATM fees? A banking assistant would answer that here."
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.id.startswith("chatcmpl-")
+
+def test_openai_client_stream(oai):
+    stream = oai.chat.completions.create(model="echo", messages=[{"role": "user", "content": "I lost my card"}],
+                                         max_tokens=6, stream=True, stream_options={"include_usage": True})
+    deltas, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage: usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content: deltas.append(c.delta.content)
+            finish = c.finish_reason or finish
+    print(f"\n[openai stream] {len(deltas)} deltas {deltas} finish={finish} usage={usage.model_dump()}")
+    assert "".join(deltas) == "You asked: I lost my card"
+    assert finish == "length" and usage.completion_tokens == 6
+
+def test_openai_client_models_and_errors(oai):
+    ids = [m.id for m in oai.models.list()]
+    assert ids[0] == "echo" and "custom_model_built_0.0.0" in ids
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.chat.completions.create(model="gpt-nonexistent", messages=[{"role": "user", "content": "hi"}])
+    assert "unknown model" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
+    assert "max_tokens" in e.value.message
+    print(f"\n[openai errors] 404: {e.value.status_code and 'unknown model'} / 400: {e.value.message}")
+
+def test_httpx_routes(live):
+    with httpx.Client(base_url=live.url, timeout=30) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.get("/ready").status_code == 200
+        r = c.post("/api/v1/chat", json={"message": "hello", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["text"] == "You asked: hello"
+        assert c.post("/api/v1/chat", content=b"{oops", headers={"content-type": "application/json"}).status_code == 400
+        assert c.post("/api/v1/benchmark/run", headers={"Authorization": f"Bearer {ADMIN}"}).json()["status"] == "ok"
+        with c.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as s:
+            lines = [l for l in s.iter_lines() if l]
+        assert lines[-1] == "data: [DONE]"
+        assert "bankllm_requests_total" in c.get("/metrics").text
+
+async def test_load_500_requests_concurrency_32(live):
+    n, conc = 500, 32
+    sem, lat, out = asyncio.Semaphore(conc), [], []
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(base_url=live.url, limits=limits, timeout=60) as c:
+        async def one(i):
+            async with sem:
+                t0 = time.perf_counter()
+                if i % 2: r = await c.post("/api/v1/chat", json={"message": f"question {i}", "max_tokens": 8})
+                else: r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 8})
+                lat.append((time.perf_counter() - t0) * 1000)
+                out.append(r)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    errors = [r for r in out if r.status_code != 200]
+    numbers = [r.json()["request_number"] if "request_number" in r.json() else r.json()["bankllm"]["request_number"]
+               for r in out if r.status_code == 200]
+    print(f"\n[load] {n} requests, concurrency {conc}: {n/wall:.0f} req/s, p50 {percentile(lat, 50):.1f} ms, "
+          f"p99 {percentile(lat, 99):.1f} ms, max {max(lat):.1f} ms, errors {len(errors)}, wall {wall:.2f}s")
+    assert not errors, errors[:3]
+    assert len(set(numbers)) == n  # every request got its own number
+    await asyncio.to_thread(lambda: None)
+    # the background benchmark rounds the load triggered all completed
+    for _ in range(200):
+        if not live.pipe._tasks: break
+        await asyncio.sleep(0.05)
+
+def test_shipped_custom_model_live(tmp_path):
+    "The real from-scratch model behind the real server, through the openai client (small max_tokens)"
+    cfg = get_config(llm_model_version="custom_model_built_0.0.0", benchmark_log=tmp_path/"bench.jsonl",
+                     enable_benchmarking=False)
+    with LiveServer(create_app(config=cfg)) as srv:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="custom", messages=[{"role": "user", "content": "How do I activate my new card?"}],
+                                      max_tokens=24, temperature=0)
+        text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="custom_model_built_0.0.0", messages=[{"role": "user", "content": "What are the ATM fees?"}],
+            max_tokens=16, temperature=0, stream=True) if ch.choices)
+        ready = httpx.get(f"{srv.url}/ready").json()
+    print(f"\n[custom live] {r.model}: {r.choices[0].message.content!r} usage={r.usage.model_dump()}\n  stream: {text!r}")
+    assert r.model == "custom_model_built_0.0.0" and r.usage.completion_tokens <= 24 and r.choices[0].message.content
+    assert text and ready["status"] == "ready"

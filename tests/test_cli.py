@@ -1,0 +1,73 @@
+"The `bankllm` command: help, chat with a registered test model (plain, streamed, JSON), errors, bench to a tmp dir."
+import json, subprocess, sys
+
+import pytest
+
+from bankllm.cli import build_parser, main
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e: main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ["chat", "serve", "bench", "train", "examples:", "LLM_MODEL_VERSION", "--env-file"]: assert word in out
+    for cmd in ["chat", "serve", "bench", "train"]:
+        assert "example" in build_parser()._subparsers._group_actions[0].choices[cmd].format_help()
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2 and "usage: bankllm" in capsys.readouterr().out
+
+def test_help_is_light():
+    "`bankllm --help` imports neither torch nor fastapi nor matplotlib"
+    code = ("import sys; from bankllm.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'fastapi', 'matplotlib', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]")
+
+def test_chat(capsys):
+    assert main(["chat", "What are the ATM fees?", "--model", "custom-test", "--max-tokens", "5"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "You asked: What are the\n"
+    assert "custom-test" in cap.err and "5 tokens" in cap.err
+
+def test_chat_stream_and_json(capsys):
+    assert main(["chat", "hi", "--model", "custom-test", "--stream", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("You asked: hi A banking")
+    assert main(["chat", "hi", "--model", "custom-test", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["model_version"] == "custom-test" and r["request_number"] == 1
+
+@pytest.mark.parametrize("argv,code,msg", [
+    (["chat", "hi", "--model", "nosuchmodel"], 2, "unknown model"),
+    (["chat", "hi", "--model", "gemini"], 1, "GEMINI_API_KEY"),
+    (["chat", "   ", "--model", "custom-test"], 2, "empty"),
+    (["chat", "hi", "--model", "custom-test", "--max-tokens", "0"], 1, "max_tokens"),
+    (["chat", "hi", "--env-file", "/nonexistent/.env"], 2, "env file not found"),
+    (["bench", "--concurrency", "a,b"], 2, "--concurrency"),
+])
+def test_errors(capsys, argv, code, msg):
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+def test_bad_option_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as e: main(["chat", "hi", "--max-tokens", "many"])
+    assert e.value.code == 2 and "invalid int value" in capsys.readouterr().err
+
+def test_bench(tmp_path, capsys):
+    assert main(["bench", "--models", "custom-test", "--n", "0", "--concurrency", "1,2", "--max-tokens", "8", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Model Performance Comparison" in out and "custom-test" in out and "wrote to" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"benchmark.jsonl", "benchmark_latency.png", "benchmark_quality_latency.png"}
+    (rec,) = [json.loads(l) for l in (tmp_path/"benchmark.jsonl").read_text().splitlines()]
+    assert rec["model_version"] == "custom-test" and rec["status"] == "ok" and [s["concurrency"] for s in rec["sweep"]] == [1, 2]
+
+def test_bench_all_unavailable_is_status_1(tmp_path, capsys):
+    assert main(["bench", "--models", "gemini", "--n", "0", "--concurrency", "", "--out", str(tmp_path)]) == 1
+    assert "unavailable" in capsys.readouterr().out
+
+def test_console_script():
+    "The installed `bankllm` command exists and teaches"
+    exe = __import__("shutil").which("bankllm", path=str(__import__("pathlib").Path(sys.executable).parent))
+    if exe is None: pytest.skip("bankllm console script not installed (pip install -e .)")
+    out = subprocess.run([exe, "chat", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--stream" in out and "example" in out
