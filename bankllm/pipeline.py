@@ -8,7 +8,7 @@ Docs: https://bankllm.github.io/bankllm/pipeline.html.md"""
 __all__ = ['PIPELINE_VERSION', 'log', 'LATENCY_BUCKETS_S', 'PipelineResult', 'BankingLLMPipeline', 'PipelineStream',
            'SwitchResult']
 
-# %% ../nbs/30_pipeline.ipynb #a0a96aca
+# %% ../nbs/30_pipeline.ipynb #0506236d
 import asyncio, logging, os, threading, time, uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -24,11 +24,11 @@ from .config import Settings, get_config
 from .data import PLACEHOLDER_RE, fill_placeholders
 from .factory import DEFAULT_VERSIONS, ModelFactory, parse_version
 
-# %% ../nbs/30_pipeline.ipynb #d2efe1d1
+# %% ../nbs/30_pipeline.ipynb #3a4e9d3d
 PIPELINE_VERSION = "1.0.0"
 log = logging.getLogger(__name__)
 
-# %% ../nbs/30_pipeline.ipynb #6cdc3dd6
+# %% ../nbs/30_pipeline.ipynb #81742148
 @dataclass
 class PipelineResult(GenerationResult):
     "A `GenerationResult` with the pipeline's keys: conversation id, request number, pipeline version"
@@ -38,7 +38,7 @@ class PipelineResult(GenerationResult):
 
 _GEN_KEYS = tuple(f.name for f in fields(GenerationResult))
 
-# %% ../nbs/30_pipeline.ipynb #46892090
+# %% ../nbs/30_pipeline.ipynb #8bd27301
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 @dataclass
@@ -72,7 +72,7 @@ class _Traffic:
                     latency_count=self.requests-self.errors, latency_buckets=dict(zip(LATENCY_BUCKETS_S, cum)),
                     latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95), recent_samples=len(lat))
 
-# %% ../nbs/30_pipeline.ipynb #94cf05f2
+# %% ../nbs/30_pipeline.ipynb #81093f89
 class _StreamFiller:
     "Fill `{{Name}}` placeholders in streamed text, holding back only an unfinished placeholder"
     def __init__(self, profile:dict[str, str], max_name:int=80): self.profile, self.max_name, self.buf = profile, max_name, ""
@@ -87,7 +87,7 @@ class _StreamFiller:
         out, self.buf = self.buf, ""
         return fill_placeholders(out, self.profile)
 
-# %% ../nbs/30_pipeline.ipynb #786679ae
+# %% ../nbs/30_pipeline.ipynb #b41a4f27
 @dataclass
 class _Round:
     "A benchmark round in flight: what triggered it and what was coalesced into it"
@@ -134,7 +134,7 @@ class BankingLLMPipeline:
     @property
     def request_count(self)->int: return self._count
 
-# %% ../nbs/30_pipeline.ipynb #1ebbf785
+# %% ../nbs/30_pipeline.ipynb #bbc922d2
 @patch
 async def load(self:BankingLLMPipeline)->BankingLLMPipeline:
     "Load the active model and check its health; `ModelUnavailableError` with the reason if unhealthy"
@@ -163,7 +163,7 @@ def create_sync(cls:BankingLLMPipeline, config:Settings|None=None, **kw)->Bankin
     _in_private_loop(p.load)
     return p
 
-# %% ../nbs/30_pipeline.ipynb #ef56d843
+# %% ../nbs/30_pipeline.ipynb #092c9128
 @patch
 def _begin(self:BankingLLMPipeline)->int:
     "Take the next request number; fire the benchmark trigger when it is due"
@@ -187,7 +187,7 @@ def _trigger(self:BankingLLMPipeline, n:int|str)->_Round:
     self._tasks.add(rd.task); rd.task.add_done_callback(self._tasks.discard)
     return rd
 
-# %% ../nbs/30_pipeline.ipynb #32b59cf3
+# %% ../nbs/30_pipeline.ipynb #c830a51b
 @patch
 def benchmark_versions(self:BankingLLMPipeline)->list[str|ModelAdapter]:
     "What a round covers: `benchmark_models`, or every registered family with the active model standing in for its own"
@@ -223,7 +223,7 @@ async def _run_round(self:BankingLLMPipeline, rd:_Round)->dict:
     except Exception: log.exception("could not append benchmark round %d to %s", rd.seq, self.benchmark_log)
     return record
 
-# %% ../nbs/30_pipeline.ipynb #f6b34a4c
+# %% ../nbs/30_pipeline.ipynb #e3468054
 @patch
 def _stats(self:BankingLLMPipeline, model:ModelAdapter)->_Traffic:
     if (t := self._traffic.get(model.version)) is None: t = self._traffic[model.version] = _Traffic()
@@ -239,9 +239,10 @@ async def generate(self:BankingLLMPipeline,
                    conversation_id:str|None=None, # echoed back; a new one when None
                    max_tokens:int=100,         # most tokens to generate
                    temperature:float=0.7,      # 0 = greedy
+                   model:ModelAdapter|None=None, # answer with this model instead of the active one (numbered and counted the same)
                    **kw)->PipelineResult:
     "Answer `prompt` with the active model; adds `conversation_id`, `request_number`, `pipeline_version`"
-    n, model = self._begin(), self.model
+    n, model = self._begin(), model or self.model
     try: r = await model.generate(prompt, max_tokens=max_tokens, temperature=temperature, **kw)
     except BaseException as e:
         self._stats(model).fail(e); raise
@@ -252,12 +253,12 @@ async def generate(self:BankingLLMPipeline,
     return PipelineResult(**vals, conversation_id=conversation_id or uuid.uuid4().hex, request_number=n,
                           pipeline_version=PIPELINE_VERSION)
 
-# %% ../nbs/30_pipeline.ipynb #d27a7c5a
+# %% ../nbs/30_pipeline.ipynb #1686aa50
 class PipelineStream:
     "Text deltas of one streamed answer; `request_number`, `conversation_id`, `model_version` up front, `result` at the end"
     def __init__(self, pipeline:BankingLLMPipeline, prompt:str, conversation_id:str|None, max_tokens:int,
-                 temperature:float, kw:dict):
-        self.pipeline, self.model = pipeline, pipeline.model
+                 temperature:float, kw:dict, model:ModelAdapter|None=None):
+        self.pipeline, self.model = pipeline, model or pipeline.model
         self.prompt, self.max_tokens, self.temperature, self.kw = prompt, max_tokens, temperature, kw
         self.conversation_id = conversation_id or uuid.uuid4().hex
         self.request_number = pipeline._begin()
@@ -305,11 +306,12 @@ def stream(self:BankingLLMPipeline,
            conversation_id:str|None=None, # echoed back; a new one when None
            max_tokens:int=100,            # most tokens to generate
            temperature:float=0.7,         # 0 = greedy
+           model:ModelAdapter|None=None,  # stream from this model instead of the active one
            **kw)->PipelineStream:
     "Answer `prompt` as a stream of text deltas (numbered and counted like `generate`)"
-    return PipelineStream(self, prompt, conversation_id, max_tokens, temperature, kw)
+    return PipelineStream(self, prompt, conversation_id, max_tokens, temperature, kw, model)
 
-# %% ../nbs/30_pipeline.ipynb #18619e17
+# %% ../nbs/30_pipeline.ipynb #8afe07ac
 @patch
 async def run_benchmark_round(self:BankingLLMPipeline)->dict:
     "Run a round now (or join the one in flight) and return its record"
@@ -335,7 +337,7 @@ async def __aenter__(self:BankingLLMPipeline): return await self.load()
 @patch
 async def __aexit__(self:BankingLLMPipeline, *exc): await self.drain()
 
-# %% ../nbs/30_pipeline.ipynb #cea77afb
+# %% ../nbs/30_pipeline.ipynb #6ebc70f2
 @patch
 def get_benchmark_summary(self:BankingLLMPipeline, from_log:bool=False)->dict:
     "The seed's summary: fastest model (recommendation), quality, and the sample size behind each number"
@@ -357,7 +359,7 @@ def get_metrics(self:BankingLLMPipeline)->dict:
                 benchmark=dict(rounds_started=self.rounds_run, rounds_logged=len(self.rounds), triggers=self.triggers,
                                triggers_coalesced=self.triggers_coalesced, round_in_flight=self._round is not None))
 
-# %% ../nbs/30_pipeline.ipynb #1b8fbffa
+# %% ../nbs/30_pipeline.ipynb #d84fac01
 @dataclass
 class SwitchResult:
     "The outcome of `switch_model`"

@@ -6,10 +6,10 @@ Docs: https://bankllm.github.io/bankllm/transformer.html.md"""
 
 # %% auto #0
 __all__ = ['ModelConfig', 'RMSNorm', 'rope_tables', 'rotate_half', 'apply_rope', 'CausalSelfAttention', 'SwiGLU', 'Block',
-           'BankingLLM', 'filter_logits', 'KVCache', 'Generated', 'llama_config_dict', 'hf_state_dict', 'count_params',
-           'model_memory_mb', 'kv_cache_benchmark']
+           'BankingLLM', 'filter_logits', 'KVCache', 'DecodeWeights', 'Generated', 'llama_config_dict', 'hf_state_dict',
+           'count_params', 'model_memory_mb', 'kv_cache_benchmark']
 
-# %% ../nbs/03_transformer.ipynb #acc18df6
+# %% ../nbs/03_transformer.ipynb #cd5387c9
 import math, time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-# %% ../nbs/03_transformer.ipynb #ff02e4f8
+# %% ../nbs/03_transformer.ipynb #0d62a171
 @dataclass
 class ModelConfig:
     "Shape of a `BankingLLM`; plain data, saved with every checkpoint"
@@ -62,7 +62,7 @@ class ModelConfig:
         if unknown: raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
 
-# %% ../nbs/03_transformer.ipynb #a4c319fc
+# %% ../nbs/03_transformer.ipynb #ef93f57c
 class RMSNorm(nn.Module):
     "Root-mean-square normalisation with a learned gain (no bias, no mean subtraction)"
     def __init__(self, dim:int, eps:float=1e-5):
@@ -75,7 +75,7 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-# %% ../nbs/03_transformer.ipynb #36c71713
+# %% ../nbs/03_transformer.ipynb #35bd0cae
 def rope_tables(head_dim:int,          # channels per head (even)
                 n_pos:int,             # positions to precompute, normally block_size
                 theta:float=10000.0,   # RoPE base
@@ -99,7 +99,7 @@ def apply_rope(x:torch.Tensor,    # (..., T, hd) queries or keys
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
-# %% ../nbs/03_transformer.ipynb #36ad4ab2
+# %% ../nbs/03_transformer.ipynb #3a10e761
 class CausalSelfAttention(nn.Module):
     "Multi-head (or grouped-query) causal self-attention with rotary positions"
     def __init__(self, cfg:ModelConfig, layer_idx:int=0):
@@ -126,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
-# %% ../nbs/03_transformer.ipynb #486e44c0
+# %% ../nbs/03_transformer.ipynb #18bd35b7
 class SwiGLU(nn.Module):
     "Llama's gated feed-forward: down(silu(gate(x)) * up(x))"
     def __init__(self, cfg:ModelConfig):
@@ -139,7 +139,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):  # (B, T, C)
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
-# %% ../nbs/03_transformer.ipynb #b8cda440
+# %% ../nbs/03_transformer.ipynb #30c9899a
 class Block(nn.Module):
     "Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))"
     def __init__(self, cfg:ModelConfig, layer_idx:int=0):
@@ -153,7 +153,7 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-# %% ../nbs/03_transformer.ipynb #2e8d42e5
+# %% ../nbs/03_transformer.ipynb #34651291
 class BankingLLM(nn.Module):
     "A Llama-style decoder-only language model; submodules are named as in Hugging Face `LlamaForCausalLM`"
     def __init__(self, cfg:ModelConfig):
@@ -174,7 +174,7 @@ class BankingLLM(nn.Module):
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, 0.0, 0.02)
 
-# %% ../nbs/03_transformer.ipynb #56408f8f
+# %% ../nbs/03_transformer.ipynb #058f58c1
 def _attn_mask(T:int, past:int, device)->torch.Tensor|None:
     "Boolean (T, past+T) mask for T new queries after `past` cached keys; None where `is_causal` (or nothing) is right"
     if T == 1 or past == 0: return None
@@ -201,7 +201,7 @@ def forward(self:BankingLLM,
     if targets is None: return logits, None
     return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
 
-# %% ../nbs/03_transformer.ipynb #264a77d1
+# %% ../nbs/03_transformer.ipynb #645ec60b
 def filter_logits(logits:torch.Tensor,     # (..., V)
                   top_k:int|None=None,     # keep the k highest logits
                   top_p:float|None=None,   # keep the smallest set with cumulative probability >= top_p
@@ -217,7 +217,7 @@ def filter_logits(logits:torch.Tensor,     # (..., V)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
-# %% ../nbs/03_transformer.ipynb #84eefda4
+# %% ../nbs/03_transformer.ipynb #53409222
 def _next_token(logits:torch.Tensor, temperature:float, top_k, top_p, generator)->tuple[int, float]:
     "Pick a token from (V,) logits; return it with its raw log-probability"
     if temperature == 0: tok = int(logits.argmax())
@@ -226,7 +226,7 @@ def _next_token(logits:torch.Tensor, temperature:float, top_k, top_p, generator)
         tok = int(torch.multinomial(probs, 1, generator=generator))
     return tok, float(F.log_softmax(logits, dim=-1)[tok])
 
-# %% ../nbs/03_transformer.ipynb #07754a69
+# %% ../nbs/03_transformer.ipynb #75f8cdd5
 class KVCache:
     "Pre-allocated keys and values for every layer, (B, n_kv_head, block_size, head_dim) each, filled by position"
     def __init__(self, n_layer:int, batch_size:int, n_kv_head:int, block_size:int, head_dim:int,
@@ -250,7 +250,7 @@ class KVCache:
     def memory_mb(self)->float:
         return sum(t.numel() * t.element_size() for t in self.k + self.v) / 2**20
 
-# %% ../nbs/03_transformer.ipynb #ae867309
+# %% ../nbs/03_transformer.ipynb #c18239d3
 @patch
 def new_cache(self:BankingLLM,
               batch_size:int=1,
@@ -263,7 +263,84 @@ def new_cache(self:BankingLLM,
     return KVCache(c.n_layer, batch_size, c.n_kv_head, c.block_size, c.head_dim,
                    device=device or p.device, dtype=dtype or p.dtype)
 
-# %% ../nbs/03_transformer.ipynb #5a8ba4f0
+# %% ../nbs/03_transformer.ipynb #0a91db8a
+@dataclass
+class DecodeWeights:
+    "Inference-only copies of a model's weights, laid out for one-token decode steps (see `BankingLLM.decode_weights`)"
+    layers: list[tuple[torch.Tensor, ...]]  # per layer: qkv (C, (nh+2*nkv)*hd), o (C, C), gate_up (C, 2*ffn), down (ffn, C); (in, out) layout, norm gains folded in
+    head: torch.Tensor                     # (C, V): lm_head transposed, final norm gain folded in
+    rope_cos: torch.Tensor                 # (block_size, hd) in the model's dtype
+    rope_sin: torch.Tensor                 # (block_size, hd), the first half negated: rotate_half(x) * sin == flip_halves(x) * rope_sin
+    key: tuple = ()                        # the parameters these were built from (storage, version)
+
+    def memory_mb(self)->float:
+        ts = [t for l in self.layers for t in l] + [self.head, self.rope_cos, self.rope_sin]
+        return sum(t.numel() * t.element_size() for t in ts) / 2**20
+
+def _params_key(model:nn.Module)->tuple:
+    "Changes whenever a parameter is replaced, moved or modified in place"
+    return tuple((p.data_ptr(), p.dtype, -1 if p.is_inference() else p._version) for p in model.parameters())
+
+# %% ../nbs/03_transformer.ipynb #5422994e
+@patch
+@torch.no_grad()
+def decode_weights(self:BankingLLM)->DecodeWeights:
+    "The `DecodeWeights` for the current parameters: built on first use, rebuilt after any parameter changes"
+    key = _params_key(self)
+    dw = getattr(self, "_decode_weights", None)
+    if dw is not None and dw.key == key: return dw
+    layers = []
+    for b in self.layers:
+        a, f = b.self_attn, b.mlp
+        qkv = torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)) * b.input_layernorm.weight  # (out, C)
+        gate_up = torch.cat((f.gate_proj.weight, f.up_proj.weight)) * b.post_attention_layernorm.weight
+        layers.append(tuple(w.t().contiguous() for w in (qkv, a.o_proj.weight, gate_up, f.down_proj.weight)))
+    h = self.config.head_dim // 2
+    sin = torch.cat((-self.rope_sin[:, :h], self.rope_sin[:, h:]), dim=-1)
+    dt = self.lm_head.weight.dtype
+    dw = DecodeWeights(layers, (self.lm_head.weight * self.norm.weight).t().contiguous(),
+                       self.rope_cos.to(dt), sin.to(dt), key)
+    self._decode_weights = dw  # a plain attribute: not a parameter or buffer, never saved
+    return dw
+
+# %% ../nbs/03_transformer.ipynb #c39b5955
+def _rms(x:torch.Tensor, eps:float)->torch.Tensor:
+    "RMSNorm without its gain (folded into the next matrix); statistics in float32 as in `RMSNorm`"
+    if x.dtype == torch.float32: return F.rms_norm(x, x.shape[-1:], eps=eps)
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+@patch
+def decode_step(self:BankingLLM,
+                tok:int,          # the token at position `pos`
+                cache:KVCache,    # holds positions 0..pos-1; position pos is written
+                pos:int,          # position of `tok`
+                dw:DecodeWeights|None=None,  # `self.decode_weights()`, when the caller already holds it
+               )->torch.Tensor:   # (V,) float32 next-token logits
+    "One cached generation step for batch size 1: `forward(tensor([[tok]]), cache, pos)`'s logits, faster"
+    if not torch.is_inference_mode_enabled():  # entering the mode costs more than a check, so generation enters it once
+        with torch.inference_mode(): return self.decode_step(tok, cache, pos, dw)
+    c = self.config
+    if pos >= c.block_size: raise ValueError(f"position {pos} does not fit block_size={c.block_size}")
+    if pos > cache.length: raise ValueError(f"start_pos={pos} would leave a gap: the cache holds {cache.length} positions")
+    dw, C, nh, nkv, hd, eps = dw or self.decode_weights(), c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.norm_eps
+    cos, sin, nqk = dw.rope_cos[pos], dw.rope_sin[pos], (nh + nkv) * hd
+    x = self.tok_embeddings.weight[tok].view(1, C)  # (1, C)
+    for i, (w_qkv, w_o, w_gate_up, w_down) in enumerate(dw.layers):
+        qkv = _rms(x, eps) @ w_qkv                             # (1, (nh+2nkv)*hd)
+        qk = qkv[0, :nqk].view(nh + nkv, hd)                   # queries and keys, one row per head
+        qk = torch.addcmul(qk * cos, qk.view(nh + nkv, 2, hd // 2).flip(1).view(nh + nkv, hd), sin)  # RoPE
+        ck, cv = cache.k[i][0], cache.v[i][0]                  # (nkv, block_size, hd)
+        ck[:, pos] = qk[nh:]
+        cv[:, pos] = qkv[0, nqk:].view(nkv, hd)
+        y = F.scaled_dot_product_attention(qk[:nh].view(1, nh, 1, hd), ck[None, :, :pos+1], cv[None, :, :pos+1],
+                                           enable_gqa=nh != nkv)  # (1, nh, 1, hd)
+        x = torch.addmm(x, y.view(1, C), w_o)                  # x + attention
+        gu = _rms(x, eps) @ w_gate_up                          # (1, 2*ffn)
+        x = torch.addmm(x, F.silu(gu[:, :c.ffn_dim]) * gu[:, c.ffn_dim:], w_down)  # x + SwiGLU
+    cache.length = pos + 1
+    return (_rms(x, eps) @ dw.head).view(-1).float()           # (V,) (.float() is free for a float32 model)
+
+# %% ../nbs/03_transformer.ipynb #9bda5bff
 @patch
 @torch.inference_mode()
 def stream_generate(self:BankingLLM,
@@ -288,20 +365,22 @@ def stream_generate(self:BankingLLM,
     if ids.shape[1] == 0: raise ValueError("the prompt must hold at least one token")
     if ids.shape[1] > bs: raise ValueError(f"a prompt of {ids.shape[1]} tokens does not fit block_size={bs}")
     stops, n = {int(s) for s in stop_ids}, ids.shape[1]
-    cache, todo = (self.new_cache(1, dev), ids) if use_cache else (None, None)
-    for _ in range(max_new_tokens):
+    fast = not (self.training and self.config.dropout > 0)  # decode_step has no dropout
+    dw = self.decode_weights() if use_cache and fast else None  # checked once: weights do not change mid-answer
+    cache = self.new_cache(1, dev) if use_cache else None
+    for step in range(max_new_tokens):
         if n >= bs: return
-        if use_cache: logits, _ = self(todo, cache=cache, start_pos=n - todo.shape[1])  # prefill, then one token
-        else: logits, _ = self(ids)
-        tok, logprob = _next_token(logits[0, -1], temperature, top_k, top_p, generator)
+        if not use_cache: logits = self(ids)[0][0, -1]  # recompute everything
+        elif step == 0: logits = self(ids, cache=cache)[0][0, -1]  # prefill the prompt
+        elif fast: logits = self.decode_step(tok, cache, n - 1, dw)
+        else: logits = self(torch.tensor([[tok]], device=dev), cache=cache, start_pos=n - 1)[0][0, -1]
+        tok, logprob = _next_token(logits, temperature, top_k, top_p, generator)
         yield tok, logprob
         if tok in stops: return
         n += 1
-        new = torch.tensor([[tok]], device=dev)
-        if use_cache: todo = new
-        else: ids = torch.cat((ids, new), dim=1)
+        if not use_cache: ids = torch.cat((ids, torch.tensor([[tok]], device=dev)), dim=1)
 
-# %% ../nbs/03_transformer.ipynb #2e0ed2fd
+# %% ../nbs/03_transformer.ipynb #543e410f
 @dataclass
 class Generated:
     "The result of `BankingLLM.generate`"
@@ -324,7 +403,7 @@ def generate(self:BankingLLM, idx:list[int]|torch.Tensor, max_new_tokens:int, te
     if out and out[-1][0] in stops: return Generated([t for t, _ in out[:-1]], [lp for _, lp in out[:-1]], "stop")
     return Generated([t for t, _ in out], [lp for _, lp in out], "length")
 
-# %% ../nbs/03_transformer.ipynb #50f5b87a
+# %% ../nbs/03_transformer.ipynb #4ef73479
 def llama_config_dict(cfg:ModelConfig, **extra)->dict:
     "The Hugging Face `LlamaConfig` fields (as in `config.json`) equivalent to `cfg`; `extra` adds or overrides"
     return dict(architectures=["LlamaForCausalLM"], model_type="llama",
@@ -346,17 +425,18 @@ def hf_state_dict(model:BankingLLM)->dict[str, torch.Tensor]:
     if model.config.tie_embeddings: sd.pop("lm_head.weight")
     return {_hf_name(k): v for k, v in sd.items()}
 
-# %% ../nbs/03_transformer.ipynb #5f4fde49
+# %% ../nbs/03_transformer.ipynb #ee57743c
 def count_params(model:nn.Module)->int:
     "Number of parameters, shared (tied) tensors counted once"
     return sum(p.numel() for p in model.parameters())
 
 def model_memory_mb(model:nn.Module)->float:
-    "MiB occupied by parameters and buffers (shared tensors counted once)"
+    "MiB occupied by parameters and buffers (shared tensors counted once), plus a `BankingLLM`'s `DecodeWeights` once built"
     ts = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in ts) / 2**20
+    dw = getattr(model, "_decode_weights", None)
+    return sum(t.numel() * t.element_size() for t in ts) / 2**20 + (dw.memory_mb() if dw is not None else 0.0)
 
-# %% ../nbs/03_transformer.ipynb #b5a34ca9
+# %% ../nbs/03_transformer.ipynb #deda9cef
 def kv_cache_benchmark(model:BankingLLM,
                        prompt:list[int],        # prompt token ids
                        new_tokens:int=256,      # tokens to generate (no stop ids: always exactly this many)

@@ -8,8 +8,8 @@ Docs: https://bankllm.github.io/bankllm/qlora_adapter.html.md"""
 __all__ = ['vllm_installed', 'pick_engine', 'QLoRAAdapter', 'TransformersEngine', 'TextDeltas', 'VLLMEngine', 'OpenAIEngine',
            'evaluate_adapter', 'stored_adapter_quality']
 
-# %% ../../nbs/13_qlora_adapter.ipynb #cce2307e
-import asyncio, importlib.util, json, math, threading, time
+# %% ../../nbs/13_qlora_adapter.ipynb #b265a121
+import asyncio, importlib.util, inspect, json, math, re, threading, time
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +24,7 @@ from ..data import chat_messages, file_sha256, normalize_question
 from ..qlora import adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
 from ..transformer import _next_token
 
-# %% ../../nbs/13_qlora_adapter.ipynb #d7535415
+# %% ../../nbs/13_qlora_adapter.ipynb #d357b4ad
 def vllm_installed()->bool: return importlib.util.find_spec("vllm") is not None
 
 def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None=None, has_cuda:bool|None=None)->str:
@@ -35,7 +35,7 @@ def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None
     has_cuda = torch.cuda.is_available() if has_cuda is None else has_cuda
     return "vllm" if has_vllm and has_cuda else "transformers"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #c97ed4be
+# %% ../../nbs/13_qlora_adapter.ipynb #4bfd09f8
 class QLoRAAdapter(ModelAdapter):
     "A base model + LoRA adapter behind the adapter contract, served by vLLM, transformers or a remote server"
     family = "qlora"
@@ -62,7 +62,7 @@ class QLoRAAdapter(ModelAdapter):
 
     def __repr__(self): return f"QLoRAAdapter(version={self.version!r}, engine={self.engine!r})"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #bb1777cb
+# %% ../../nbs/13_qlora_adapter.ipynb #d60321d8
 def _stop_ids(model, tok)->set[int]:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -76,6 +76,9 @@ class TransformersEngine:
         self.model, self.tok = load_adapted(adapter, base, quantize=quantize, device=device)
         self.quantized, self.stops, self.lock = quantize, _stop_ids(self.model, self.tok), threading.Lock()
         self.context = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        # transformers 5.2x renamed `past_key_values` to `cache` (in and out); support both
+        fwd = inspect.signature(self.model.get_base_model().forward).parameters
+        self.cache_arg = "cache" if "cache" in fwd else "past_key_values"
 
     @property
     def device(self)->str: return str(self.model.device)
@@ -93,8 +96,8 @@ class TransformersEngine:
         with self.lock:
             x, past = torch.tensor([ids], device=dev), None
             for _ in range(max_tokens):
-                out = self.model(input_ids=x, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self.cache_arg: past})
+                past = out.get(self.cache_arg)
                 tok, lp = _next_token(out.logits[0, -1].float(), temperature, top_k, top_p, gen)
                 yield tok, lp
                 if tok in self.stops: return
@@ -103,7 +106,7 @@ class TransformersEngine:
     def memory_mb(self)->float:
         return self.model.get_memory_footprint() / 2**20
 
-# %% ../../nbs/13_qlora_adapter.ipynb #b1eda3b7
+# %% ../../nbs/13_qlora_adapter.ipynb #647d4a78
 class TextDeltas:
     "Incremental detokenizer: feed token ids, get the new text (never half a character)"
     def __init__(self, tok): self.tok, self.ids, self.sent = tok, [], 0
@@ -114,7 +117,7 @@ class TextDeltas:
         d, self.sent = text[self.sent:], len(text)
         return d
 
-# %% ../../nbs/13_qlora_adapter.ipynb #8fb1a9ca
+# %% ../../nbs/13_qlora_adapter.ipynb #3e79b96a
 @patch
 def _load(self:QLoRAAdapter):
     if self.engine == "transformers":
@@ -164,7 +167,7 @@ async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None
     final.text = "".join(parts)
     yield final
 
-# %% ../../nbs/13_qlora_adapter.ipynb #98aea877
+# %% ../../nbs/13_qlora_adapter.ipynb #b89c4c0f
 def _context(path:str, cap:int)->int|None:
     "The base's context length, capped (a 128 k context would reserve a huge KV cache); None for hub ids"
     try: n = json.loads((Path(path)/"config.json").read_text()).get("max_position_embeddings")
@@ -179,8 +182,10 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
         r = json.loads((adapter/"adapter_config.json").read_text())["r"]
         path = resolve_base(base or adapter_base(adapter))
+        # on the CPU build, "GPU" memory utilisation is the share of RAM reserved for the KV cache: keep it modest
+        mem = {} if torch.cuda.is_available() else dict(gpu_memory_utilization=0.1, enforce_eager=True)
         self.llm = LLM(model=path, enable_lora=True, max_lora_rank=max(8, r), max_model_len=_context(path, 8192),
-                       enforce_eager=not torch.cuda.is_available(), seed=0)
+                       seed=0, **mem)
         self.lora = LoRARequest("bank", 1, str(adapter))
         self.tok = self.llm.get_tokenizer()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -202,7 +207,7 @@ class VLLMEngine:
         if t: yield t
         yield g
 
-# %% ../../nbs/13_qlora_adapter.ipynb #e915965c
+# %% ../../nbs/13_qlora_adapter.ipynb #2ad84e0b
 class OpenAIEngine:
     "A remote OpenAI-compatible chat server (e.g. `vllm serve ... --enable-lora`), via the official async client"
     device = "remote"
@@ -271,7 +276,7 @@ def _message(e)->str:
     if isinstance(body, dict) and body.get("message"): return str(body["message"])[:500]
     return str(getattr(e, "message", e))[:500]
 
-# %% ../../nbs/13_qlora_adapter.ipynb #d16b7348
+# %% ../../nbs/13_qlora_adapter.ipynb #f368ce4e
 @patch
 async def _health(self:QLoRAAdapter):
     if self.engine == "openai":
@@ -289,12 +294,12 @@ async def _health(self:QLoRAAdapter):
     try: d = adapter_dir(self.adapter)
     except FileNotFoundError as e: return False, str(e)
     base = self.base or adapter_base(d)
-    resolved = resolve_base(base) if base else None
     if not base: return False, f"no base model for adapter {d.name}: set BANKLLM_QLORA_BASE"
-    if "/" not in str(base) and not Path(resolved).is_dir(): return False, f"base model {base!r} not found"
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(base)) and not Path(base).exists()  # e.g. meta-llama/Llama-3.1-8B-Instruct
+    if not hub_id and not Path(resolve_base(base)).is_dir(): return False, f"base model {base!r} not found"
     return True, None
 
-# %% ../../nbs/13_qlora_adapter.ipynb #24c41c73
+# %% ../../nbs/13_qlora_adapter.ipynb #a320e31c
 def _adapter_sha256(adapter)->str: return file_sha256(adapter_dir(adapter)/"adapter_model.safetensors")
 
 async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", data_dir=None, limit:int|None=None,

@@ -1,0 +1,81 @@
+"""The QLoRA adapter's engines. `transformers`: the shipped adapter on its 4-bit base (also in the contract suite).
+`openai`: the official client against a real OpenAI-compatible server on a loopback port — our own app under uvicorn,
+serving the same QLoRA model, so the remote answer must equal the local one. `vllm`: see tools/vllm_check.py
+(vLLM is not installed in the test environment; its health reason is tested here)."""
+import pytest
+
+from bankllm.adapters.base import ModelUnavailableError
+from bankllm.adapters.qlora import QLoRAAdapter, pick_engine, vllm_installed
+from bankllm.app import create_app
+from bankllm.config import get_config
+from bankllm.pipeline import BankingLLMPipeline
+from test_app_live import LiveServer, free_port
+
+Q = "How do I activate my new card?"
+VERSION = "qlora_vllm_finetuned_model_v1.0.0"
+
+
+def test_engine_choice():
+    assert pick_engine("auto", has_vllm=True, has_cuda=True) == "vllm"
+    assert pick_engine("auto", has_vllm=False, has_cuda=True) == "transformers"
+    assert pick_engine("auto", has_vllm=True, has_cuda=False) == "transformers"
+    assert pick_engine("auto", "http://gpu-box:8000/v1", has_vllm=True, has_cuda=True) == "openai"
+    assert pick_engine("vllm", "http://gpu-box:8000/v1") == "vllm"
+
+
+@pytest.mark.parametrize("settings, reason", [
+    (dict(qlora_engine="openai"), "BANKLLM_QLORA_REMOTE_URL"),
+    (dict(qlora_engine="transformers", qlora_adapter="/no/such/adapter"), "no LoRA adapter at"),
+    (dict(qlora_engine="transformers", qlora_base="/no/such/base"), "base model '/no/such/base' not found"),
+])
+async def test_unhealthy_with_the_exact_reason_never_a_crash(settings, reason):
+    a = QLoRAAdapter(config=get_config(**settings))  # constructing never fails
+    assert await a.health_check() is False and reason in a.health_reason
+
+
+@pytest.mark.skipif(vllm_installed(), reason="vLLM is installed here")
+async def test_vllm_engine_without_vllm_says_how_to_get_it():
+    a = QLoRAAdapter(config=get_config(qlora_engine="vllm"))
+    assert await a.health_check() is False and "vLLM is not installed" in a.health_reason
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    "Our app under uvicorn, serving the shipped QLoRA adapter (transformers engine) as an OpenAI-compatible server"
+    tmp = tmp_path_factory.mktemp("qlora_server")
+    cfg = get_config(qlora_engine="transformers", llm_model_version=VERSION, benchmark_log=tmp/"b.jsonl",
+                     enable_benchmarking=False)
+    local = QLoRAAdapter(VERSION, cfg)
+    with LiveServer(create_app(BankingLLMPipeline(cfg, model=local, benchmark_models=[]))) as srv:
+        srv.local = local
+        yield srv
+
+
+def remote(url, **kw):
+    return QLoRAAdapter(config=get_config(qlora_engine="auto", qlora_remote_url=url, qlora_remote_model=VERSION, **kw))
+
+
+async def test_openai_engine_answers_like_the_local_model(served):
+    r = remote(f"{served.url}/v1")
+    assert r.engine == "openai" and r.device == "remote"
+    assert await r.health_check(), r.health_reason
+    got = await r.generate(Q, max_tokens=40, temperature=0)
+    want = await served.local.generate(Q, max_tokens=40, temperature=0)
+    assert got.text == want.text and got.tokens == want.tokens and got.finish_reason == want.finish_reason
+    deltas = [d async for d in r.stream(Q, max_tokens=40, temperature=0)]
+    assert len(deltas) > 1 and "".join(deltas) == want.text
+
+
+async def test_openai_engine_names_a_missing_lora_module(served):
+    r = QLoRAAdapter(config=get_config(qlora_remote_url=f"{served.url}/v1", qlora_remote_model="no-such-lora"))
+    assert await r.health_check() is False and "not 'no-such-lora'" in r.health_reason
+
+
+async def test_openai_engine_server_down_is_503_and_never_shows_the_key():
+    key = "sk-test-9f8e7d6c5b4a"
+    r = remote(f"http://127.0.0.1:{free_port()}/v1", qlora_api_key=key)
+    assert await r.health_check() is False and "unreachable" in r.health_reason
+    with pytest.raises(ModelUnavailableError) as e: await r.generate(Q, max_tokens=5)
+    assert e.value.status_code == 503
+    for text in (str(e.value), repr(e.value), r.health_reason, repr(r), str(r.get_metrics())):
+        assert key not in text
