@@ -9,7 +9,7 @@ __all__ = ['ModelConfig', 'RMSNorm', 'rope_tables', 'rotate_half', 'apply_rope',
            'BankingLLM', 'filter_logits', 'KVCache', 'DecodeWeights', 'Generated', 'llama_config_dict', 'hf_state_dict',
            'count_params', 'model_memory_mb', 'kv_cache_benchmark']
 
-# %% ../nbs/03_transformer.ipynb #cd5387c9
+# %% ../nbs/03_transformer.ipynb #faa1f489
 import math, time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-# %% ../nbs/03_transformer.ipynb #0d62a171
+# %% ../nbs/03_transformer.ipynb #a3308725
 @dataclass
 class ModelConfig:
     "Shape of a `BankingLLM`; plain data, saved with every checkpoint"
@@ -62,7 +62,7 @@ class ModelConfig:
         if unknown: raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
 
-# %% ../nbs/03_transformer.ipynb #ef93f57c
+# %% ../nbs/03_transformer.ipynb #ff473104
 class RMSNorm(nn.Module):
     "Root-mean-square normalisation with a learned gain (no bias, no mean subtraction)"
     def __init__(self, dim:int, eps:float=1e-5):
@@ -75,7 +75,7 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-# %% ../nbs/03_transformer.ipynb #35bd0cae
+# %% ../nbs/03_transformer.ipynb #d48967c8
 def rope_tables(head_dim:int,          # channels per head (even)
                 n_pos:int,             # positions to precompute, normally block_size
                 theta:float=10000.0,   # RoPE base
@@ -99,7 +99,7 @@ def apply_rope(x:torch.Tensor,    # (..., T, hd) queries or keys
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
-# %% ../nbs/03_transformer.ipynb #3a10e761
+# %% ../nbs/03_transformer.ipynb #06436e6c
 class CausalSelfAttention(nn.Module):
     "Multi-head (or grouped-query) causal self-attention with rotary positions"
     def __init__(self, cfg:ModelConfig, layer_idx:int=0):
@@ -126,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
-# %% ../nbs/03_transformer.ipynb #18bd35b7
+# %% ../nbs/03_transformer.ipynb #34666f9d
 class SwiGLU(nn.Module):
     "Llama's gated feed-forward: down(silu(gate(x)) * up(x))"
     def __init__(self, cfg:ModelConfig):
@@ -139,7 +139,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):  # (B, T, C)
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
-# %% ../nbs/03_transformer.ipynb #30c9899a
+# %% ../nbs/03_transformer.ipynb #73eb5ac7
 class Block(nn.Module):
     "Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))"
     def __init__(self, cfg:ModelConfig, layer_idx:int=0):
@@ -153,7 +153,7 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-# %% ../nbs/03_transformer.ipynb #34651291
+# %% ../nbs/03_transformer.ipynb #43c6c6c6
 class BankingLLM(nn.Module):
     "A Llama-style decoder-only language model; submodules are named as in Hugging Face `LlamaForCausalLM`"
     def __init__(self, cfg:ModelConfig):
@@ -174,7 +174,7 @@ class BankingLLM(nn.Module):
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, 0.0, 0.02)
 
-# %% ../nbs/03_transformer.ipynb #058f58c1
+# %% ../nbs/03_transformer.ipynb #1c9a942e
 def _attn_mask(T:int, past:int, device)->torch.Tensor|None:
     "Boolean (T, past+T) mask for T new queries after `past` cached keys; None where `is_causal` (or nothing) is right"
     if T == 1 or past == 0: return None
@@ -201,7 +201,7 @@ def forward(self:BankingLLM,
     if targets is None: return logits, None
     return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
 
-# %% ../nbs/03_transformer.ipynb #645ec60b
+# %% ../nbs/03_transformer.ipynb #cf792b45
 def filter_logits(logits:torch.Tensor,     # (..., V)
                   top_k:int|None=None,     # keep the k highest logits
                   top_p:float|None=None,   # keep the smallest set with cumulative probability >= top_p
@@ -217,7 +217,7 @@ def filter_logits(logits:torch.Tensor,     # (..., V)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
-# %% ../nbs/03_transformer.ipynb #53409222
+# %% ../nbs/03_transformer.ipynb #13148918
 def _next_token(logits:torch.Tensor, temperature:float, top_k, top_p, generator)->tuple[int, float]:
     "Pick a token from (V,) logits; return it with its raw log-probability"
     if temperature == 0: tok = int(logits.argmax())
@@ -226,7 +226,7 @@ def _next_token(logits:torch.Tensor, temperature:float, top_k, top_p, generator)
         tok = int(torch.multinomial(probs, 1, generator=generator))
     return tok, float(F.log_softmax(logits, dim=-1)[tok])
 
-# %% ../nbs/03_transformer.ipynb #75f8cdd5
+# %% ../nbs/03_transformer.ipynb #5997590c
 class KVCache:
     "Pre-allocated keys and values for every layer, (B, n_kv_head, block_size, head_dim) each, filled by position"
     def __init__(self, n_layer:int, batch_size:int, n_kv_head:int, block_size:int, head_dim:int,
@@ -250,7 +250,7 @@ class KVCache:
     def memory_mb(self)->float:
         return sum(t.numel() * t.element_size() for t in self.k + self.v) / 2**20
 
-# %% ../nbs/03_transformer.ipynb #c18239d3
+# %% ../nbs/03_transformer.ipynb #53d5a718
 @patch
 def new_cache(self:BankingLLM,
               batch_size:int=1,
@@ -263,7 +263,7 @@ def new_cache(self:BankingLLM,
     return KVCache(c.n_layer, batch_size, c.n_kv_head, c.block_size, c.head_dim,
                    device=device or p.device, dtype=dtype or p.dtype)
 
-# %% ../nbs/03_transformer.ipynb #0a91db8a
+# %% ../nbs/03_transformer.ipynb #0bdf3b5b
 @dataclass
 class DecodeWeights:
     "Inference-only copies of a model's weights, laid out for one-token decode steps (see `BankingLLM.decode_weights`)"
@@ -281,7 +281,7 @@ def _params_key(model:nn.Module)->tuple:
     "Changes whenever a parameter is replaced, moved or modified in place"
     return tuple((p.data_ptr(), p.dtype, -1 if p.is_inference() else p._version) for p in model.parameters())
 
-# %% ../nbs/03_transformer.ipynb #5422994e
+# %% ../nbs/03_transformer.ipynb #c8f7d990
 @patch
 @torch.no_grad()
 def decode_weights(self:BankingLLM)->DecodeWeights:
@@ -303,7 +303,7 @@ def decode_weights(self:BankingLLM)->DecodeWeights:
     self._decode_weights = dw  # a plain attribute: not a parameter or buffer, never saved
     return dw
 
-# %% ../nbs/03_transformer.ipynb #c39b5955
+# %% ../nbs/03_transformer.ipynb #3554f587
 def _rms(x:torch.Tensor, eps:float)->torch.Tensor:
     "RMSNorm without its gain (folded into the next matrix); statistics in float32 as in `RMSNorm`"
     if x.dtype == torch.float32: return F.rms_norm(x, x.shape[-1:], eps=eps)
@@ -340,7 +340,7 @@ def decode_step(self:BankingLLM,
     cache.length = pos + 1
     return (_rms(x, eps) @ dw.head).view(-1).float()           # (V,) (.float() is free for a float32 model)
 
-# %% ../nbs/03_transformer.ipynb #9bda5bff
+# %% ../nbs/03_transformer.ipynb #ce5c5b25
 @patch
 @torch.inference_mode()
 def stream_generate(self:BankingLLM,
@@ -380,7 +380,7 @@ def stream_generate(self:BankingLLM,
         n += 1
         if not use_cache: ids = torch.cat((ids, torch.tensor([[tok]], device=dev)), dim=1)
 
-# %% ../nbs/03_transformer.ipynb #543e410f
+# %% ../nbs/03_transformer.ipynb #6f3a7dd2
 @dataclass
 class Generated:
     "The result of `BankingLLM.generate`"
@@ -403,7 +403,7 @@ def generate(self:BankingLLM, idx:list[int]|torch.Tensor, max_new_tokens:int, te
     if out and out[-1][0] in stops: return Generated([t for t, _ in out[:-1]], [lp for _, lp in out[:-1]], "stop")
     return Generated([t for t, _ in out], [lp for _, lp in out], "length")
 
-# %% ../nbs/03_transformer.ipynb #4ef73479
+# %% ../nbs/03_transformer.ipynb #d3b59ade
 def llama_config_dict(cfg:ModelConfig, **extra)->dict:
     "The Hugging Face `LlamaConfig` fields (as in `config.json`) equivalent to `cfg`; `extra` adds or overrides"
     return dict(architectures=["LlamaForCausalLM"], model_type="llama",
@@ -425,7 +425,7 @@ def hf_state_dict(model:BankingLLM)->dict[str, torch.Tensor]:
     if model.config.tie_embeddings: sd.pop("lm_head.weight")
     return {_hf_name(k): v for k, v in sd.items()}
 
-# %% ../nbs/03_transformer.ipynb #ee57743c
+# %% ../nbs/03_transformer.ipynb #b16c96a8
 def count_params(model:nn.Module)->int:
     "Number of parameters, shared (tied) tensors counted once"
     return sum(p.numel() for p in model.parameters())
@@ -436,12 +436,12 @@ def model_memory_mb(model:nn.Module)->float:
     dw = getattr(model, "_decode_weights", None)
     return sum(t.numel() * t.element_size() for t in ts) / 2**20 + (dw.memory_mb() if dw is not None else 0.0)
 
-# %% ../nbs/03_transformer.ipynb #deda9cef
+# %% ../nbs/03_transformer.ipynb #1ef1c44d
 def kv_cache_benchmark(model:BankingLLM,
                        prompt:list[int],        # prompt token ids
                        new_tokens:int=256,      # tokens to generate (no stop ids: always exactly this many)
                        runs:int=3,              # best of `runs` (the least disturbed measurement)
-                       threads:int|None=None,   # torch threads during the benchmark; None: leave as is
+                       threads:int|None=1,      # torch threads during the benchmark; None: leave as is
                       ):                       # a pandas DataFrame, one row per mode
     "Greedy tokens/s with and without the KV cache, measured side by side; asserts identical tokens"
     import pandas as pd

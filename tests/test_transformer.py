@@ -64,6 +64,47 @@ def test_chunked_prefill_matches_full_forward():
     assert cache.length == 30
 
 
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_decode_step_equals_forward_with_cache(name):
+    m = lively(CONFIGS[name])
+    seq = torch.randint(0, m.config.vocab_size, (1, 25))
+    c1, c2 = m.new_cache(), m.new_cache()
+    with torch.inference_mode():
+        m(seq[:, :5], cache=c1); m(seq[:, :5], cache=c2)  # prefill, then one token at a time
+        for t in range(5, 25):
+            fast = m.decode_step(int(seq[0, t]), c1, t)
+            slow = m(seq[:, t:t + 1], cache=c2, start_pos=t)[0][0, -1]
+            torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    assert c1.length == c2.length == 25
+    for a, b in zip(c1.k + c1.v, c2.k + c2.v): torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_weights_follow_the_parameters():
+    m = lively(CONFIGS["gqa"])
+    keys = set(m.state_dict())
+    dw = m.decode_weights()
+    assert m.decode_weights() is dw and set(m.state_dict()) == keys  # reused; never saved
+    other = lively(CONFIGS["gqa"], seed=1)
+    m.load_state_dict(other.state_dict())  # in-place copy: the copies must be rebuilt
+    assert m.decode_weights() is not dw
+    assert m.generate([4, 5, 6], 20, temperature=0).ids == other.generate([4, 5, 6], 20, temperature=0, use_cache=False).ids
+    with torch.no_grad(): m.layers[1].self_attn.o_proj.weight.mul_(-1)  # an optimiser-like in-place update
+    assert m.generate([4, 5, 6], 20, temperature=0).ids == m.generate([4, 5, 6], 20, temperature=0, use_cache=False).ids
+
+
+def test_training_mode_with_dropout_uses_forward_and_still_generates():
+    m = lively(ModelConfig.tiny(dropout=0.5)).train()
+    g = m.generate([1, 2, 3], 10, temperature=0)
+    assert len(g.ids) == 10 and getattr(m, "_decode_weights", None) is None
+
+
+def test_decode_step_checks_positions():
+    m = BankingLLM(ModelConfig.tiny()).eval()
+    with pytest.raises(ValueError, match="gap"): m.decode_step(1, m.new_cache(), 3)
+    c = m.new_cache(); c.length = m.config.block_size
+    with pytest.raises(ValueError, match="block_size"): m.decode_step(1, c, m.config.block_size)
+
 def test_cache_shape_and_dtype():
     cfg = CONFIGS["gqa"]
     c = BankingLLM(cfg).new_cache()

@@ -83,7 +83,8 @@ def main():
                 while not asyncio.run(a.health_check()):
                     if p.poll() is not None or time.time() > deadline: raise RuntimeError(f"vllm serve did not come up: {a.health_reason}")
                     time.sleep(3)
-                return dict(command=" ".join(cmd[1:]).replace(str(Path.home()), "~"), **compare(a))
+                shown = " ".join(cmd[1:]).replace(str(Path.home()), "~").replace(str(Path.cwd()) + "/", "")
+                return dict(command=shown, **compare(a))
             finally:
                 p.terminate(); p.wait(60)
         run(res, "vllm_serve_openai_engine", serve)
