@@ -8,10 +8,10 @@ Docs: https://bankllm.github.io/bankllm/evaluation.html.md"""
 __all__ = ['WORD_RE', 'GENERIC_ANSWER', 'lcs_length', 'word_tokens', 'rouge_l', 'tfidf_terms', 'SparseRows', 'Tfidf',
            'IntentClassifier', 'default_classifier', 'topic_accuracy', 'EvalReport', 'score_answers', 'evaluate',
            'reference_baseline', 'constant_baseline', 'truncate_words', 'Retriever', 'retrieval_baseline',
-           'quality_table', 'RetrievalAdapter', 'top_confusions']
+           'quality_table', 'save_quality', 'load_quality', 'RetrievalAdapter', 'top_confusions']
 
-# %% ../nbs/05_evaluation.ipynb #120ea269
-import asyncio, re
+# %% ../nbs/05_evaluation.ipynb #58132527
+import asyncio, json, re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from .adapters.base import Generation, ModelAdapter
 from .config import Settings
 from .data import bitext_pairs, data_file
 
-# %% ../nbs/05_evaluation.ipynb #298b566d
+# %% ../nbs/05_evaluation.ipynb #3e505a82
 def lcs_length(a:Sequence,  # a sequence of hashable items (words)
                b:Sequence,  # another
               )->int:
@@ -39,7 +39,7 @@ def lcs_length(a:Sequence,  # a sequence of hashable items (words)
         row[1:] = np.maximum.accumulate(np.maximum(row[1:], row[:-1] + match))
     return int(row[-1])
 
-# %% ../nbs/05_evaluation.ipynb #e0626e40
+# %% ../nbs/05_evaluation.ipynb #1145283f
 WORD_RE = re.compile(r"\w+")
 
 def word_tokens(text:str)->list[str]:
@@ -54,7 +54,7 @@ def rouge_l(candidate:str,  # the generated answer
     lcs = lcs_length(c, r)
     return 2*lcs/(len(c) + len(r)) if lcs else 0.0
 
-# %% ../nbs/05_evaluation.ipynb #a887670a
+# %% ../nbs/05_evaluation.ipynb #495bbc10
 _TERM_RE = re.compile(r"\{\{([^{}]+)\}\}|\w+")  # a {{placeholder}} (group 1: its name) or a word
 
 def tfidf_terms(text:str)->list[str]:
@@ -62,7 +62,7 @@ def tfidf_terms(text:str)->list[str]:
     toks = ["{{" + " ".join(m[1].split()) + "}}" if m[1] else m[0] for m in _TERM_RE.finditer(text.lower())]
     return toks + [f"{a} {b}" for a, b in zip(toks, toks[1:])]
 
-# %% ../nbs/05_evaluation.ipynb #4f1b6810
+# %% ../nbs/05_evaluation.ipynb #1a043ad1
 @dataclass(repr=False)
 class SparseRows:
     "A sparse matrix stored by rows (CSR): row `i` holds `data[indptr[i]:indptr[i+1]]` at columns `indices[...]`"
@@ -96,7 +96,7 @@ class SparseRows:
             out[blk] = np.add.reduceat(prod, self.indptr[blk] - lo, axis=0)     # sum each row's products
         return out
 
-# %% ../nbs/05_evaluation.ipynb #b1cacec7
+# %% ../nbs/05_evaluation.ipynb #e810b3d6
 def _count_terms(term_lists:list[list[str]], vocab:dict[str, int]):
     "`(rows, cols, counts)` of each distinct known term in each list, sorted by row then column"
     cols = np.fromiter((vocab.get(w, -1) for ts in term_lists for w in ts), dtype=np.int64)
@@ -139,7 +139,7 @@ class Tfidf:
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(terms)))])
         return SparseRows(indptr, cols, data, len(self.vocab))
 
-# %% ../nbs/05_evaluation.ipynb #0101f96d
+# %% ../nbs/05_evaluation.ipynb #3a9cccff
 @dataclass(repr=False)
 class IntentClassifier:
     "Nearest-centroid intent classifier over TF-IDF vectors of answers"
@@ -178,7 +178,7 @@ class IntentClassifier:
         "The most similar intent for one text"
         return self.predict([text])[0]
 
-# %% ../nbs/05_evaluation.ipynb #aa7bba03
+# %% ../nbs/05_evaluation.ipynb #087251d1
 _CLASSIFIERS: dict[Path, IntentClassifier] = {}
 
 def default_classifier(data_dir:str|Path|None=None, # default: the `data_dir` setting, else download
@@ -190,7 +190,7 @@ def default_classifier(data_dir:str|Path|None=None, # default: the `data_dir` se
         _CLASSIFIERS[path] = IntentClassifier.fit(train.answer, train.intent)
     return _CLASSIFIERS[path]
 
-# %% ../nbs/05_evaluation.ipynb #e9c77647
+# %% ../nbs/05_evaluation.ipynb #6b3a5b1e
 def topic_accuracy(answers:Iterable[str],         # generated (or reference) answers
                    intents:Iterable[str],         # the intent of the question each answers
                    clf:IntentClassifier|None=None, # default: `default_classifier()`
@@ -202,7 +202,7 @@ def topic_accuracy(answers:Iterable[str],         # generated (or reference) ans
     pred = (clf if clf is not None else default_classifier()).predict(answers)
     return sum(p == i for p, i in zip(pred, intents)) / len(answers)
 
-# %% ../nbs/05_evaluation.ipynb #cd92b0e6
+# %% ../nbs/05_evaluation.ipynb #197cb180
 @dataclass(repr=False)
 class EvalReport:
     "Answer quality of one model (or baseline) on a set of question/answer pairs"
@@ -228,7 +228,7 @@ class EvalReport:
         s = {k: ("–" if v is None else f"{v:.3f}" if isinstance(v, float) else v) for k, v in self.summary().items()}
         return "| " + " | ".join(s) + " |\n|" + "---|"*len(s) + "\n| " + " | ".join(map(str, s.values())) + " |"
 
-# %% ../nbs/05_evaluation.ipynb #e5a12d62
+# %% ../nbs/05_evaluation.ipynb #3b805835
 _PAIR_COLUMNS = ("question", "answer", "intent")
 
 def _check_pairs(pairs:pd.DataFrame)->pd.DataFrame:
@@ -260,7 +260,7 @@ def score_answers(name:str,                        # the row label in tables: a 
     return EvalReport(name, float(rows.correct.mean()), float(rows.rouge_l.mean()), len(rows), rows,
                       int(rows.error.notna().sum()))
 
-# %% ../nbs/05_evaluation.ipynb #c0a199be
+# %% ../nbs/05_evaluation.ipynb #6c060028
 async def evaluate(adapter:ModelAdapter,           # any model behind the adapter contract
                    pairs:pd.DataFrame,             # `question`, `answer`, `intent`, e.g. `bitext_pairs("dev")`
                    clf:IntentClassifier|None=None, # default: `default_classifier()`
@@ -292,7 +292,7 @@ async def evaluate(adapter:ModelAdapter,           # any model behind the adapte
     texts, lat, toks, errs = map(list, zip(*outs))
     return await asyncio.to_thread(score_answers, name or adapter.version, pairs, texts, clf, lat, toks, errs)
 
-# %% ../nbs/05_evaluation.ipynb #67bf1028
+# %% ../nbs/05_evaluation.ipynb #50fedb8a
 GENERIC_ANSWER = ("Thank you for reaching out! I'm here to help with your banking needs. To make sure I give you "
                   "the right information, could you share a few more details about your request? You can also "
                   "contact our customer support team at {{Customer Support Phone Number}} or visit "
@@ -306,14 +306,14 @@ def constant_baseline(pairs:pd.DataFrame, clf:IntentClassifier|None=None, text:s
     "The same generic `text` as the answer to every question: the floor"
     return score_answers("constant", pairs, [text]*len(pairs), clf)
 
-# %% ../nbs/05_evaluation.ipynb #f56c7c38
+# %% ../nbs/05_evaluation.ipynb #a3da2560
 def truncate_words(text:str, n:int)->str:
     "`text` up to and including its `n`-th whitespace-separated word, spacing kept"
     for i, m in enumerate(re.finditer(r"\S+", text), 1):
         if i == n: return text[:m.end()]
     return text
 
-# %% ../nbs/05_evaluation.ipynb #69cbce82
+# %% ../nbs/05_evaluation.ipynb #0448f23e
 @dataclass(repr=False)
 class Retriever:
     "Nearest training question by TF-IDF cosine similarity, answering with that question's answer"
@@ -354,13 +354,27 @@ def retrieval_baseline(train_pairs:pd.DataFrame,       # what the retriever may 
     answers = Retriever.fit(train_pairs).retrieve(_check_pairs(pairs).question)
     return score_answers("retrieval", pairs, [truncate_words(a, max_words) for a in answers], clf)
 
-# %% ../nbs/05_evaluation.ipynb #026b5dd2
+# %% ../nbs/05_evaluation.ipynb #7e0108cf
 def quality_table(reports:Iterable[EvalReport])->pd.DataFrame:
     "One row per report: name, n, topic_accuracy, rouge_l, errors"
     cols = ["name", "n", "topic_accuracy", "rouge_l", "errors"]
     return pd.DataFrame([{k: r.summary()[k] for k in cols} for r in reports], columns=cols)
 
-# %% ../nbs/05_evaluation.ipynb #5d3c0e51
+def save_quality(table:pd.DataFrame, path:str|Path, **attrs)->Path:
+    "Write a quality table with its `attrs` and `attrs` (e.g. the hash of the weights measured) as JSON"
+    Path(path).write_text(json.dumps(dict(table=table.to_dict("records"), **table.attrs, **attrs), indent=2))
+    return Path(path)
+
+def load_quality(path:str|Path, **expect)->pd.DataFrame:
+    "A table written by `save_quality`; `ValueError` when a stored value differs from `expect` (the weights changed)"
+    d = json.loads(Path(path).read_text())
+    for k, v in expect.items():
+        if d.get(k) != v: raise ValueError(f"{Path(path).parent.name}/{Path(path).name} was measured with another {k}: evaluate again")
+    table = pd.DataFrame(d.pop("table"))
+    table.attrs.update(d)
+    return table
+
+# %% ../nbs/05_evaluation.ipynb #88dd84d8
 class RetrievalAdapter(ModelAdapter):
     "The retrieval baseline as a model: answers with the training answer of the nearest training question"
     family = "retrieval"
@@ -384,7 +398,7 @@ class RetrievalAdapter(ModelAdapter):
         return Generation(text, tokens=len(text.split()), prompt_tokens=len(prompt.split()),
                           finish_reason="length" if text != answer else "stop", confidence=float(sim))
 
-# %% ../nbs/05_evaluation.ipynb #342349c5
+# %% ../nbs/05_evaluation.ipynb #84c3a96c
 def top_confusions(report:EvalReport, n:int=5)->pd.DataFrame:
     "The `n` most frequent (intent, predicted_intent) pairs among the wrong answers of `report`"
     wrong = report.rows[~report.rows.correct.astype(bool)]

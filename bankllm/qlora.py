@@ -10,7 +10,7 @@ __all__ = ['SHIPPED_QLORA_VERSION', 'SHIPPED_QLORA_CONFIG', 'resolve_base', 'bnb
            'QLoRAResult', 'finetune_qlora', 'adapter_dir', 'adapter_record', 'adapter_base', 'load_adapted',
            'merge_adapter', 'plot_qlora_history']
 
-# %% ../nbs/12_qlora.ipynb #f2eb5715
+# %% ../nbs/12_qlora.ipynb #69ffbf3d
 import json, math, os, random, time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from .config import get_config
 from .data import bitext_pairs, chat_messages, file_sha256
 from .training import checkpoints_dir, export_hf, load_checkpoint, lr_at, pick_device, stratified_head
 
-# %% ../nbs/12_qlora.ipynb #3ca8b4b4
+# %% ../nbs/12_qlora.ipynb #bf547613
 def _is_custom_checkpoint(d:Path)->bool:
     "A folder written by `save_checkpoint` (our format) rather than a Hugging Face one"
     try: cfg = json.loads((d/"config.json").read_text())
@@ -49,7 +49,7 @@ def resolve_base(base:str|Path,            # hub id, Hugging Face folder, or cus
     if Path(base).expanduser().is_dir(): return str(Path(base).expanduser())
     return str(base)  # a hub id: from_pretrained downloads it (with internet) or fails with its own clear error
 
-# %% ../nbs/12_qlora.ipynb #72e254dc
+# %% ../nbs/12_qlora.ipynb #dd5a7387
 def bnb_config(device:torch.device)->BitsAndBytesConfig:
     "4-bit NF4 with double quantization; bf16 compute on CUDA, fp32 on CPU"
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -68,7 +68,7 @@ def load_base(base:str|Path,               # anything `resolve_base` accepts
     if tok.pad_token is None: tok.pad_token = tok.eos_token  # Llama 3 has none; padded positions carry no loss anyway
     return model.eval(), tok
 
-# %% ../nbs/12_qlora.ipynb #9332f7e8
+# %% ../nbs/12_qlora.ipynb #20616f05
 def _quantized_bytes(layer)->tuple[int, int, int]:
     "(weights, per-weight storage in bytes, fixed per-layer tables in bytes) of one `Linear4bit`"
     w, qs = layer.weight, layer.weight.quant_state
@@ -105,7 +105,7 @@ def memory_table(base:str|Path, device:str|torch.device="auto")->pd.DataFrame:
     df.attrs.update(quantized_weights=n, other_bytes=q["other_bytes"])
     return df.round(4)
 
-# %% ../nbs/12_qlora.ipynb #f4f47fc4
+# %% ../nbs/12_qlora.ipynb #6665f9ba
 @dataclass
 class QLoRAConfig:
     "How to fine-tune; saved with the adapter"
@@ -146,7 +146,7 @@ def trainable_parameters(model:torch.nn.Module)->tuple[int, int]:
         total += n; trainable += n if p.requires_grad else 0
     return trainable, total
 
-# %% ../nbs/12_qlora.ipynb #648f1505
+# %% ../nbs/12_qlora.ipynb #85c1b18c
 def chat_example(tok, question:str, answer:str, system:str|None=None, max_len:int=320)->tuple[list[int], list[int]]:
     "(input_ids, labels) of one chat; labels are -100 on the prompt"
     msgs = chat_messages(question, system)
@@ -165,7 +165,7 @@ def chat_batch(examples:list[tuple[list[int], list[int]]], pad_id:int)->dict[str
                 attention_mask=torch.tensor([pad([1]*len(i), 0) for i, _ in examples]),
                 labels=torch.tensor([pad(l, -100) for _, l in examples]))
 
-# %% ../nbs/12_qlora.ipynb #add81eb0
+# %% ../nbs/12_qlora.ipynb #c716ce66
 @dataclass
 class QLoRAResult:
     "What a fine-tuning run did"
@@ -185,7 +185,7 @@ def _hardware(device:torch.device)->dict:
     if device.type == "cuda": hw["gpu"] = torch.cuda.get_device_name(device)
     return hw
 
-# %% ../nbs/12_qlora.ipynb #4c949612
+# %% ../nbs/12_qlora.ipynb #cb8909f3
 def finetune_qlora(base:str|Path,                 # hub id, Hugging Face folder or custom checkpoint
                    out_dir:str|Path,              # where the adapter is saved
                    cfg:QLoRAConfig|None=None,
@@ -251,7 +251,7 @@ def finetune_qlora(base:str|Path,                 # hub id, Hugging Face folder 
     (Path(out_dir)/"training.json").write_text(json.dumps(res.record, indent=2, default=str))
     return res
 
-# %% ../nbs/12_qlora.ipynb #0737bfb3
+# %% ../nbs/12_qlora.ipynb #3298ffc4
 def adapter_dir(name_or_path:str|Path)->Path:
     "The folder of an adapter given as a path or as the name of a shipped one"
     for d in (Path(name_or_path).expanduser(), checkpoints_dir()/str(name_or_path)):
@@ -283,11 +283,11 @@ def merge_adapter(adapter:str|Path, out_dir:str|Path, base:str|Path|None=None)->
     out = Path(out_dir); merged.save_pretrained(out); tok.save_pretrained(out)
     return out
 
-# %% ../nbs/12_qlora.ipynb #9834af5d
+# %% ../nbs/12_qlora.ipynb #07fb87db
 SHIPPED_QLORA_VERSION = "qlora_vllm_finetuned_model_v1.0.0"
 SHIPPED_QLORA_CONFIG = QLoRAConfig(steps=600, batch_size=16, lr=1e-3, eval_every=100)
 
-# %% ../nbs/12_qlora.ipynb #ed757b8b
+# %% ../nbs/12_qlora.ipynb #2e8becc2
 def plot_qlora_history(history:list[dict]):
     "Training loss (smoothed) and dev loss against steps"
     import matplotlib.pyplot as plt

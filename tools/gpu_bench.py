@@ -127,7 +127,6 @@ def _():
                        gradient_checkpointing=True)
     tr = bitext_pairs("train").sample(1000, random_state=0); dv = bitext_pairs("dev").head(32)
     r = finetune_qlora(big, "/tmp/bankllm_big_adapter", qcfg, tr, dv, progress=False)
-    params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()) if SMOKE else None
     return dict(llama_dims=dims, memory=mem.to_dict("records"), quantized_weights=mem.attrs["quantized_weights"],
                 qlora=SUMMARY(r.record), note="random weights: speed and memory only, the loss means nothing")
 

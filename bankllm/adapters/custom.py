@@ -7,7 +7,7 @@ Docs: https://bankllm.github.io/bankllm/custom_adapter.html.md"""
 # %% auto #0
 __all__ = ['PlaceholderFiller', 'CustomAdapter', 'evaluate_checkpoint', 'stored_quality']
 
-# %% ../../nbs/11_custom_adapter.ipynb #4d36cf02
+# %% ../../nbs/11_custom_adapter.ipynb #450db307
 import codecs, json, math, threading, time
 
 import pandas as pd
@@ -16,12 +16,12 @@ from fastcore.basics import patch
 
 from .base import BadRequestError, Generation, ModelAdapter, iterate_in_thread
 from ..data import bitext_pairs, file_sha256, fill_placeholders, format_prompt
-from ..evaluation import (constant_baseline, default_classifier, evaluate, quality_table, reference_baseline,
-                                retrieval_baseline)
+from ..evaluation import (constant_baseline, default_classifier, evaluate, load_quality, quality_table,
+                                reference_baseline, retrieval_baseline, save_quality)
 from ..training import load_checkpoint, pick_device, resolve_checkpoint
 from ..transformer import model_memory_mb
 
-# %% ../../nbs/11_custom_adapter.ipynb #e89de691
+# %% ../../nbs/11_custom_adapter.ipynb #bf0b3e66
 class PlaceholderFiller:
     "Fill `{{Name}}` placeholders in streamed text, holding back only an unfinished placeholder"
     def __init__(self, profile:dict[str, str]|None, max_name:int=80):
@@ -42,7 +42,7 @@ class PlaceholderFiller:
         out, self.buf = self.buf, ""
         return fill_placeholders(out, self.profile)
 
-# %% ../../nbs/11_custom_adapter.ipynb #f00b1726
+# %% ../../nbs/11_custom_adapter.ipynb #f6419177
 class CustomAdapter(ModelAdapter):
     "The from-scratch `BankingLLM` (a shipped or local checkpoint) behind the adapter contract"
     family = "custom"
@@ -71,7 +71,7 @@ class CustomAdapter(ModelAdapter):
     def _memory_mb(self):
         return model_memory_mb(self.model) if self.model is not None else None
 
-# %% ../../nbs/11_custom_adapter.ipynb #4c1a04d4
+# %% ../../nbs/11_custom_adapter.ipynb #b4e56c79
 @patch
 def _token_stream(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None):
     "Blocking: yield (token id, log-prob) under the model's lock"
@@ -104,7 +104,7 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
     yield Generation("".join(text), tokens=len(logprobs), prompt_tokens=len(ids), finish_reason=finish,
                      confidence=conf, ttft_ms=ttft)
 
-# %% ../../nbs/11_custom_adapter.ipynb #1bf42fae
+# %% ../../nbs/11_custom_adapter.ipynb #cfc77599
 def _weights_sha256(ckpt)->str: return file_sha256(resolve_checkpoint(ckpt)/"model.safetensors")
 
 async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.0.0", # shipped name or folder
@@ -122,20 +122,14 @@ async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.0.0", # shipp
     table = quality_table([model, reference_baseline(dev, clf), retrieval_baseline(bitext_pairs("train", data_dir), dev, clf),
                            constant_baseline(dev, clf)])
     m = adapter.get_metrics()
-    table.attrs.update(weights_sha256=_weights_sha256(checkpoint), n=len(dev), seconds=round(secs, 1),
+    table.attrs.update(n=len(dev), seconds=round(secs, 1),
                        tokens_per_s=round(m["tokens_per_s"], 1), latency_p50_ms=round(m["latency_p50_ms"], 1),
                        device=adapter.device, threads=torch.get_num_threads(),
                        measured=time.strftime("%Y-%m-%d", time.gmtime()))
     if save and not limit:
-        out = resolve_checkpoint(checkpoint)/"dev_quality.json"
-        out.write_text(json.dumps(dict(table=table.to_dict("records"), **table.attrs), indent=2))
+        save_quality(table, resolve_checkpoint(checkpoint)/"dev_quality.json", weights_sha256=_weights_sha256(checkpoint))
     return table
 
 def stored_quality(checkpoint:str="custom_model_built_0.0.0")->pd.DataFrame:
     "The stored dev-quality table of a checkpoint; an error if the weights changed since it was measured"
-    d = json.loads((resolve_checkpoint(checkpoint)/"dev_quality.json").read_text())
-    if d["weights_sha256"] != _weights_sha256(checkpoint):
-        raise ValueError(f"dev_quality.json of {checkpoint} was measured on other weights: run evaluate_checkpoint again")
-    table = pd.DataFrame(d.pop("table"))
-    table.attrs.update(d)
-    return table
+    return load_quality(resolve_checkpoint(checkpoint)/"dev_quality.json", weights_sha256=_weights_sha256(checkpoint))

@@ -8,7 +8,7 @@ Docs: https://bankllm.github.io/bankllm/qlora_adapter.html.md"""
 __all__ = ['vllm_installed', 'pick_engine', 'QLoRAAdapter', 'TransformersEngine', 'TextDeltas', 'VLLMEngine', 'OpenAIEngine',
            'evaluate_adapter', 'stored_adapter_quality']
 
-# %% ../../nbs/13_qlora_adapter.ipynb #b265a121
+# %% ../../nbs/13_qlora_adapter.ipynb #f6b36d18
 import asyncio, importlib.util, inspect, json, math, re, threading, time
 from pathlib import Path
 
@@ -20,11 +20,12 @@ from .base import (AdapterError, AdapterTimeoutError, BadRequestError, Generatio
                                    ModelUnavailableError, RateLimitedError, iterate_in_thread)
 from .custom import PlaceholderFiller
 from ..config import get_config
-from ..data import chat_messages, file_sha256, normalize_question
+from ..data import bitext_pairs, chat_messages, file_sha256, normalize_question
+from ..evaluation import default_classifier, evaluate, load_quality, quality_table, save_quality
 from ..qlora import adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
 from ..transformer import _next_token
 
-# %% ../../nbs/13_qlora_adapter.ipynb #d357b4ad
+# %% ../../nbs/13_qlora_adapter.ipynb #f0edbef5
 def vllm_installed()->bool: return importlib.util.find_spec("vllm") is not None
 
 def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None=None, has_cuda:bool|None=None)->str:
@@ -35,7 +36,7 @@ def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None
     has_cuda = torch.cuda.is_available() if has_cuda is None else has_cuda
     return "vllm" if has_vllm and has_cuda else "transformers"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #4bfd09f8
+# %% ../../nbs/13_qlora_adapter.ipynb #a1ac2258
 class QLoRAAdapter(ModelAdapter):
     "A base model + LoRA adapter behind the adapter contract, served by vLLM, transformers or a remote server"
     family = "qlora"
@@ -62,7 +63,7 @@ class QLoRAAdapter(ModelAdapter):
 
     def __repr__(self): return f"QLoRAAdapter(version={self.version!r}, engine={self.engine!r})"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #d60321d8
+# %% ../../nbs/13_qlora_adapter.ipynb #cddc71ca
 def _stop_ids(model, tok)->set[int]:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -106,7 +107,7 @@ class TransformersEngine:
     def memory_mb(self)->float:
         return self.model.get_memory_footprint() / 2**20
 
-# %% ../../nbs/13_qlora_adapter.ipynb #647d4a78
+# %% ../../nbs/13_qlora_adapter.ipynb #4ce24409
 class TextDeltas:
     "Incremental detokenizer: feed token ids, get the new text (never half a character)"
     def __init__(self, tok): self.tok, self.ids, self.sent = tok, [], 0
@@ -117,7 +118,7 @@ class TextDeltas:
         d, self.sent = text[self.sent:], len(text)
         return d
 
-# %% ../../nbs/13_qlora_adapter.ipynb #3e79b96a
+# %% ../../nbs/13_qlora_adapter.ipynb #e98a6163
 @patch
 def _load(self:QLoRAAdapter):
     if self.engine == "transformers":
@@ -167,7 +168,7 @@ async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None
     final.text = "".join(parts)
     yield final
 
-# %% ../../nbs/13_qlora_adapter.ipynb #b89c4c0f
+# %% ../../nbs/13_qlora_adapter.ipynb #b0fe444d
 def _context(path:str, cap:int)->int|None:
     "The base's context length, capped (a 128 k context would reserve a huge KV cache); None for hub ids"
     try: n = json.loads((Path(path)/"config.json").read_text()).get("max_position_embeddings")
@@ -207,7 +208,7 @@ class VLLMEngine:
         if t: yield t
         yield g
 
-# %% ../../nbs/13_qlora_adapter.ipynb #2ad84e0b
+# %% ../../nbs/13_qlora_adapter.ipynb #8744b290
 class OpenAIEngine:
     "A remote OpenAI-compatible chat server (e.g. `vllm serve ... --enable-lora`), via the official async client"
     device = "remote"
@@ -276,7 +277,7 @@ def _message(e)->str:
     if isinstance(body, dict) and body.get("message"): return str(body["message"])[:500]
     return str(getattr(e, "message", e))[:500]
 
-# %% ../../nbs/13_qlora_adapter.ipynb #f368ce4e
+# %% ../../nbs/13_qlora_adapter.ipynb #c6694193
 @patch
 async def _health(self:QLoRAAdapter):
     if self.engine == "openai":
@@ -299,15 +300,12 @@ async def _health(self:QLoRAAdapter):
     if not hub_id and not Path(resolve_base(base)).is_dir(): return False, f"base model {base!r} not found"
     return True, None
 
-# %% ../../nbs/13_qlora_adapter.ipynb #a320e31c
+# %% ../../nbs/13_qlora_adapter.ipynb #4bcfb207
 def _adapter_sha256(adapter)->str: return file_sha256(adapter_dir(adapter)/"adapter_model.safetensors")
 
 async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", data_dir=None, limit:int|None=None,
                            save:bool=True, config=None)->pd.DataFrame:
     "Dev-split quality of a QLoRA adapter (transformers engine) next to the custom model's; saved with the adapter"
-    from bankllm.adapters.custom import stored_quality
-    from bankllm.data import bitext_pairs
-    from bankllm.evaluation import default_classifier, evaluate, quality_table
     clf, dev = default_classifier(data_dir), bitext_pairs("dev", data_dir)
     if limit: dev = dev.iloc[:limit]
     cfg = (config or get_config()).model_copy(update=dict(qlora_adapter=str(adapter)))
@@ -316,17 +314,13 @@ async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", data
     rep = await evaluate(qa, dev, clf, max_tokens=256, temperature=0.0, name=qa.version)
     secs, m = time.perf_counter() - t0, qa.get_metrics()
     table = quality_table([rep])
-    table.attrs.update(adapter_sha256=_adapter_sha256(adapter), n=len(dev), seconds=round(secs, 1),
-                       tokens_per_s=round(m["tokens_per_s"], 1), latency_p50_ms=round(m["latency_p50_ms"], 1),
-                       device=qa.device, base_4bit=qa._impl.quantized, measured=time.strftime("%Y-%m-%d", time.gmtime()))
+    table.attrs.update(n=len(dev), seconds=round(secs, 1), tokens_per_s=round(m["tokens_per_s"], 1),
+                       latency_p50_ms=round(m["latency_p50_ms"], 1), device=qa.device, base_4bit=qa._impl.quantized,
+                       measured=time.strftime("%Y-%m-%d", time.gmtime()))
     if save and not limit:
-        (adapter_dir(adapter)/"dev_quality.json").write_text(json.dumps(dict(table=table.to_dict("records"), **table.attrs), indent=2))
+        save_quality(table, adapter_dir(adapter)/"dev_quality.json", adapter_sha256=_adapter_sha256(adapter))
     return table
 
 def stored_adapter_quality(adapter:str="qlora_vllm_finetuned_model_v1.0.0")->pd.DataFrame:
     "The stored dev-quality table of an adapter; an error if the adapter changed since it was measured"
-    d = json.loads((adapter_dir(adapter)/"dev_quality.json").read_text())
-    if d["adapter_sha256"] != _adapter_sha256(adapter):
-        raise ValueError(f"dev_quality.json of {adapter} was measured on another adapter: run evaluate_adapter again")
-    table = pd.DataFrame(d.pop("table")); table.attrs.update(d)
-    return table
+    return load_quality(adapter_dir(adapter)/"dev_quality.json", adapter_sha256=_adapter_sha256(adapter))
