@@ -11,7 +11,7 @@ __all__ = ['CHAT_TEMPLATE', 'SHIPPED_MODEL_CONFIG', 'SHIPPED_TRAIN_CONFIG', 'Exa
            'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint', 'training_record', 'hf_tokenizer', 'export_hf',
            'train_custom_model']
 
-# %% ../nbs/04_training.ipynb #9c9ac030
+# %% ../nbs/04_training.ipynb #68e11aea
 import json, math, os, platform, random, time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +27,7 @@ from .evaluation import default_classifier
 from .tokenizer import BPETokenizer, train_banking_tokenizer
 from .transformer import BankingLLM, ModelConfig, count_params, hf_state_dict, llama_config_dict
 
-# %% ../nbs/04_training.ipynb #8c13bdfe
+# %% ../nbs/04_training.ipynb #f1e17f4b
 @dataclass
 class Example:
     "One tokenized chat: `ids` = prompt + answer + `<|end|><|eos|>`; the answer starts at `start`"
@@ -54,7 +54,7 @@ def collate(examples:Sequence[Example], pad_id:int, max_answer:int|None=None)->t
         y[i, start-1:len(s)-1] = torch.tensor(s[start:])  # the answer's tokens, predicted from one step before
     return x, y
 
-# %% ../nbs/04_training.ipynb #239d3e9f
+# %% ../nbs/04_training.ipynb #c7178927
 def length_batches(examples:Sequence[Example], batch_size:int, rng:random.Random, window:int=50)->list[list[Example]]:
     "One epoch of batches, each of similar-length examples, in random order"
     idx = list(range(len(examples))); rng.shuffle(idx)
@@ -65,7 +65,7 @@ def length_batches(examples:Sequence[Example], batch_size:int, rng:random.Random
     rng.shuffle(batches)
     return batches
 
-# %% ../nbs/04_training.ipynb #be3bc93e
+# %% ../nbs/04_training.ipynb #39ab6025
 @dataclass
 class TrainConfig:
     "How to train; saved with the checkpoint"
@@ -98,7 +98,7 @@ def max_answer_at(step:int, cfg:TrainConfig)->int|None:
         if step < until * cfg.steps: return cap
     return None
 
-# %% ../nbs/04_training.ipynb #57d9fc56
+# %% ../nbs/04_training.ipynb #f3368c17
 def pick_device(setting:str="auto")->torch.device:
     "`setting` as a device; `auto` is CUDA when available, else CPU"
     if setting == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,7 +129,7 @@ def quick_topic_accuracy(model, tok, pairs, clf, max_new_tokens:int=48)->float:
     answers = [answer_text(model, tok, q, max_new_tokens) for q in pairs.question]
     return sum(p == i for p, i in zip(clf.predict(answers), pairs.intent)) / len(answers)
 
-# %% ../nbs/04_training.ipynb #a607b83c
+# %% ../nbs/04_training.ipynb #07254d1c
 def _optimizer(model:BankingLLM, cfg:TrainConfig, device:torch.device)->torch.optim.AdamW:
     "AdamW with weight decay on matrices only"
     ps = [p for p in model.parameters() if p.requires_grad]
@@ -155,7 +155,7 @@ class TrainResult:
     @property
     def tokens_per_s(self)->float: return self.tokens / self.seconds if self.seconds else 0.0
 
-# %% ../nbs/04_training.ipynb #71abacd2
+# %% ../nbs/04_training.ipynb #0557ecd0
 def _evaluate(model, tok, dev_ex, dev_q, clf, cfg, res:TrainResult, step:int, cands:list, t:float):
     "Evaluate on dev, log it, and keep the state as a selection candidate while it can still win"
     model.eval()
@@ -217,7 +217,7 @@ def train(model:BankingLLM, tok:BPETokenizer,
     model.eval()
     return res
 
-# %% ../nbs/04_training.ipynb #eb91e338
+# %% ../nbs/04_training.ipynb #14d04c98
 def plot_history(history:TrainResult|list[dict], # a `TrainResult` or a checkpoint record's `history`
                  title:str="training"):
     "Train loss, dev loss and dev topic accuracy against steps (a matplotlib figure)"
@@ -235,7 +235,7 @@ def plot_history(history:TrainResult|list[dict], # a `TrainResult` or a checkpoi
     ax.legend(loc="upper right"); fig.tight_layout()
     return fig
 
-# %% ../nbs/04_training.ipynb #fd4cce56
+# %% ../nbs/04_training.ipynb #75f8e564
 def checkpoints_dir()->Path:
     "The folder of checkpoints shipped inside the package"
     import bankllm
@@ -271,7 +271,7 @@ def training_record(name_or_path:str|Path="custom_model_built_0.0.0")->dict:
     "How a checkpoint was trained (its `training.json`)"
     return json.loads((resolve_checkpoint(name_or_path)/"training.json").read_text())
 
-# %% ../nbs/04_training.ipynb #42f890c2
+# %% ../nbs/04_training.ipynb #6ddb096d
 def _bytes_to_unicode()->dict[int, str]:
     "GPT-2's reversible map from bytes to printable characters"
     bs = list(range(ord("!"), ord("~")+1)) + list(range(ord("¡"), ord("¬")+1)) + list(range(ord("®"), ord("ÿ")+1))
@@ -313,7 +313,7 @@ def export_hf(model:BankingLLM, tok:BPETokenizer, out_dir:str|Path)->Path:
     hf_tokenizer(tok).save_pretrained(out)
     return out
 
-# %% ../nbs/04_training.ipynb #0a38df98
+# %% ../nbs/04_training.ipynb #a83bb7c0
 def _hardware(device:torch.device)->dict:
     "What the run ran on"
     hw = dict(device=str(device), torch=torch.__version__, python=platform.python_version(),
@@ -356,7 +356,7 @@ def train_custom_model(out_dir:str|Path|None=None,    # where to save; None: don
     if out_dir is not None: save_checkpoint(model, tok, out_dir, record)
     return model, tok, record
 
-# %% ../nbs/04_training.ipynb #2bcae3f9
+# %% ../nbs/04_training.ipynb #918912a5
 SHIPPED_MODEL_CONFIG = ModelConfig(vocab_size=4096, block_size=320, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
 SHIPPED_TRAIN_CONFIG = TrainConfig(steps=1300, batch_size=16, lr=2e-3, min_lr=1e-4, warmup=100,
                                    curriculum=((0.4, 64), (1.0, None)), eval_every=200, eval_questions=78,
