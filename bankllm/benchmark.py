@@ -10,7 +10,7 @@ __all__ = ['log', 'P99_MIN_SAMPLES', 'SEED_PROMPTS', 'latency_stats', 'Benchmark
            'summarize_rounds', 'plot_latency', 'plot_quality_latency', 'save_figures', 'run_benchmark',
            'pipeline_overhead']
 
-# %% ../nbs/31_benchmark.ipynb #8f5b35f4
+# %% ../nbs/31_benchmark.ipynb #5b276748
 import asyncio, fcntl, json, logging, math, os, platform, time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,10 +25,10 @@ from .data import bitext_pairs
 from .evaluation import IntentClassifier, default_classifier, score_answers
 from .factory import DEFAULT_VERSIONS, ModelFactory
 
-# %% ../nbs/31_benchmark.ipynb #dd362b18
+# %% ../nbs/31_benchmark.ipynb #be8db4e0
 log = logging.getLogger(__name__)
 
-# %% ../nbs/31_benchmark.ipynb #f667fb6a
+# %% ../nbs/31_benchmark.ipynb #0fa310f4
 P99_MIN_SAMPLES = 100  # fewer samples than this: the tail is reported as the max, not a p99
 
 def latency_stats(values:Iterable[float|None], # latencies in ms; None (failed requests) ignored
@@ -42,7 +42,7 @@ def latency_stats(values:Iterable[float|None], # latencies in ms; None (failed r
                 latency_p95_ms=percentile(xs, 95), latency_p99_ms=p99, latency_max_ms=mx,
                 tail_label="p99" if p99 is not None else "max", latency_tail_ms=p99 if p99 is not None else mx)
 
-# %% ../nbs/31_benchmark.ipynb #6335b9df
+# %% ../nbs/31_benchmark.ipynb #52cc0c16
 SEED_PROMPTS = ("What are the ATM withdrawal fees?",
                 "How do I reset my online banking password?",
                 "I lost my card, what should I do?")
@@ -77,7 +77,7 @@ class BenchmarkSuite:
 
     def to_dict(self)->dict: return asdict(self)
 
-# %% ../nbs/31_benchmark.ipynb #35237b61
+# %% ../nbs/31_benchmark.ipynb #0af83cef
 def _now()->str: return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 def _empty_record(name:str)->dict:
@@ -94,7 +94,7 @@ async def _resolve_model(model, config)->ModelAdapter:
     await adapter.load()
     return adapter
 
-# %% ../nbs/31_benchmark.ipynb #96d4dfd5
+# %% ../nbs/31_benchmark.ipynb #519b09b9
 async def _timed(adapter:ModelAdapter, question:str, suite:BenchmarkSuite)->dict:
     "One request: latency, ttft, tokens and text, or the error"
     try: r = await adapter.generate(question, max_tokens=suite.max_tokens, temperature=suite.temperature)
@@ -110,7 +110,7 @@ def _quality(rec:dict, dev:pd.DataFrame, outs:list[dict], clf:IntentClassifier|N
                         errors=[o["error"] for o in outs])
     rec.update(topic_accuracy=rep.topic_accuracy, rouge_l=rep.rouge_l, quality_n=rep.n)
 
-# %% ../nbs/31_benchmark.ipynb #2121ce27
+# %% ../nbs/31_benchmark.ipynb #4bdeabdd
 async def concurrency_sweep(adapter:ModelAdapter, suite:BenchmarkSuite, levels:Sequence[int]|None=None)->list[dict]:
     "Throughput at each concurrency level: requests in flight at once, req/s, tokens/s, p50 latency, errors"
     out, qs = [], list(suite.prompts)
@@ -127,7 +127,7 @@ async def concurrency_sweep(adapter:ModelAdapter, suite:BenchmarkSuite, levels:S
                         latency_p50_ms=percentile([r["latency_ms"] for r in ok], 50)))
     return out
 
-# %% ../nbs/31_benchmark.ipynb #e6184ac0
+# %% ../nbs/31_benchmark.ipynb #402e6073
 async def benchmark_model(model:str|ModelAdapter,         # registry name, version string or adapter
                           suite:BenchmarkSuite|None=None, # default: the small round suite
                           config:Settings|None=None,      # settings for models the factory creates
@@ -157,7 +157,7 @@ async def benchmark_model(model:str|ModelAdapter,         # registry name, versi
     if suite.concurrency and ok: rec["sweep"] = await concurrency_sweep(adapter, suite)
     return rec
 
-# %% ../nbs/31_benchmark.ipynb #e6880d45
+# %% ../nbs/31_benchmark.ipynb #d4580458
 async def run_round(models:Iterable[str|ModelAdapter],  # registry names, version strings or adapters
                     suite:BenchmarkSuite|None=None,     # default: the small round suite
                     config:Settings|None=None,          # settings for models the factory creates
@@ -166,7 +166,7 @@ async def run_round(models:Iterable[str|ModelAdapter],  # registry names, versio
     "One record per model, in order"
     return [await benchmark_model(m, suite, config, clf) for m in models]
 
-# %% ../nbs/31_benchmark.ipynb #0ed724e3
+# %% ../nbs/31_benchmark.ipynb #58027eb8
 def machine_info()->dict:
     "Where a benchmark ran"
     return dict(host=platform.node(), platform=platform.platform(), python=platform.python_version(),
@@ -179,7 +179,7 @@ def results_frame(records:Sequence[Mapping], # from `benchmark_model` / `run_rou
     df.attrs.update(timestamp=_now(), machine=machine_info(), **({"suite": suite.to_dict()} if suite else {}), **meta)
     return df
 
-# %% ../nbs/31_benchmark.ipynb #d63060c3
+# %% ../nbs/31_benchmark.ipynb #69f997f1
 def _fmt(v, spec=".1f"):
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -217,7 +217,7 @@ def format_table(df:pd.DataFrame)->str:
                          f"ROUGE-L {rec['best_rouge_l']:.2f}): the fastest model is not the best one")
     return "\n".join(lines)
 
-# %% ../nbs/31_benchmark.ipynb #733802ea
+# %% ../nbs/31_benchmark.ipynb #f0e72f46
 def _jsonable(o):
     "Strict-JSON version of `o`: NaN/inf -> None, paths and numpy scalars -> plain values"
     if isinstance(o, float): return o if math.isfinite(o) else None
@@ -243,7 +243,7 @@ def _write_all(fd:int, data:bytes):
     view = memoryview(data)
     while view: view = view[os.write(fd, view):]
 
-# %% ../nbs/31_benchmark.ipynb #a4a0dea6
+# %% ../nbs/31_benchmark.ipynb #f070f2cc
 def append_jsonl(path:str|Path,                      # the JSONL file; created with its folder if missing
                  records:Mapping|Sequence[Mapping],  # one record or several
                 )->int:                              # bytes written
@@ -273,7 +273,7 @@ def read_jsonl(path:str|Path)->list[dict]:
         except json.JSONDecodeError: log.warning("%s:%d: not valid JSON, skipped", path, i)
     return out
 
-# %% ../nbs/31_benchmark.ipynb #3d5f9950
+# %% ../nbs/31_benchmark.ipynb #64097af6
 def summarize_rounds(rounds:Sequence[Mapping], # round records, as the pipeline writes them
                     )->dict:
     "Per model: pooled latency stats, quality and sample sizes; the fastest and best-quality models; trigger counts"
@@ -304,7 +304,7 @@ def summarize_rounds(rounds:Sequence[Mapping], # round records, as the pipeline 
                 models={r["model_version"]: r for r in rows},
                 recommendation=recommend(df) if df is not None else dict(fastest_model=None, best_quality_model=None))
 
-# %% ../nbs/31_benchmark.ipynb #0a119c8a
+# %% ../nbs/31_benchmark.ipynb #c31555c8
 def plot_latency(df:pd.DataFrame, ax=None):
     "Latency distribution per model: every sample, the median and the middle half (log scale)"
     import matplotlib.pyplot as plt
@@ -345,7 +345,7 @@ def save_figures(df:pd.DataFrame, out_dir:str|Path, prefix:str="benchmark_")->li
         fig.savefig(p, dpi=110, metadata={"Software": None}); plt.close(fig); paths.append(p)
     return paths
 
-# %% ../nbs/31_benchmark.ipynb #99e5e846
+# %% ../nbs/31_benchmark.ipynb #c1f6dafe
 async def run_benchmark(models:Sequence[str|ModelAdapter]|None=None, # default: every registered family
                         suite:BenchmarkSuite|None=None,   # default: `BenchmarkSuite.full()`
                         config:Settings|None=None,        # settings for models the factory creates
@@ -366,7 +366,7 @@ async def run_benchmark(models:Sequence[str|ModelAdapter]|None=None, # default: 
     if show: print(format_table(df))
     return df
 
-# %% ../nbs/31_benchmark.ipynb #29637777
+# %% ../nbs/31_benchmark.ipynb #d3d407d9
 async def pipeline_overhead(n:int=2000,     # timed requests per path (≥ 1000 for a real p99)
                             warmup:int=200, # untimed requests per path first
                            )->pd.DataFrame:

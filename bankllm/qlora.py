@@ -11,7 +11,8 @@ __all__ = ['SHIPPED_QLORA_VERSION', 'SHIPPED_QLORA_CONFIG', 'resolve_base', 'bnb
            'merge_adapter', 'plot_qlora_history']
 
 # %% ../nbs/12_qlora.ipynb #69ffbf3d
-import json, math, os, random, time
+import json, math, os, random, time, warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
 
 from .config import get_config
 from .data import bitext_pairs, chat_messages, file_sha256
@@ -50,6 +52,18 @@ def resolve_base(base:str|Path,            # hub id, Hugging Face folder, or cus
     return str(base)  # a hub id: from_pretrained downloads it (with internet) or fails with its own clear error
 
 # %% ../nbs/12_qlora.ipynb #dd5a7387
+@contextmanager
+def _quiet():
+    "No 'Loading weights' progress bar and no deprecation notices while loading (servers and the CLI load models too)"
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if bar: hf_logging.enable_progress_bar()
+
 def bnb_config(device:torch.device)->BitsAndBytesConfig:
     "4-bit NF4 with double quantization; bf16 compute on CUDA, fp32 on CPU"
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -63,7 +77,7 @@ def load_base(base:str|Path,               # anything `resolve_base` accepts
     device, path = pick_device(str(device)), resolve_base(base)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kw = dict(quantization_config=bnb_config(device)) if quantize else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device)}, **kw)
+    with _quiet(): model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device)}, **kw)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None: tok.pad_token = tok.eos_token  # Llama 3 has none; padded positions carry no loss anyway
     return model.eval(), tok
@@ -274,7 +288,7 @@ def load_adapted(adapter:str|Path, base:str|Path|None=None, quantize:bool=True,
                  device:str|torch.device="auto")->tuple[PeftModel, object]:
     "Base + LoRA adapter, ready for inference, and the tokenizer"
     model, tok = load_base(base or adapter_base(adapter), quantize=quantize, device=device)
-    return PeftModel.from_pretrained(model, str(adapter_dir(adapter))).eval(), tok
+    with _quiet(): return PeftModel.from_pretrained(model, str(adapter_dir(adapter))).eval(), tok
 
 def merge_adapter(adapter:str|Path, out_dir:str|Path, base:str|Path|None=None)->Path:
     "Write base + adapter merged into one full-precision Hugging Face model folder (with the tokenizer)"
