@@ -8,7 +8,7 @@ Docs: https://bankllm.github.io/bankllm/pipeline.html.md"""
 __all__ = ['PIPELINE_VERSION', 'log', 'LATENCY_BUCKETS_S', 'PipelineResult', 'BankingLLMPipeline', 'PipelineStream',
            'SwitchResult']
 
-# %% ../nbs/30_pipeline.ipynb #0506236d
+# %% ../nbs/30_pipeline.ipynb #f9e1bffd
 import asyncio, logging, os, threading, time, uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -24,11 +24,11 @@ from .config import Settings, get_config
 from .data import PLACEHOLDER_RE, fill_placeholders
 from .factory import DEFAULT_VERSIONS, ModelFactory, parse_version
 
-# %% ../nbs/30_pipeline.ipynb #3a4e9d3d
+# %% ../nbs/30_pipeline.ipynb #c78585f6
 PIPELINE_VERSION = "1.0.0"
 log = logging.getLogger(__name__)
 
-# %% ../nbs/30_pipeline.ipynb #81742148
+# %% ../nbs/30_pipeline.ipynb #3d4157ba
 @dataclass
 class PipelineResult(GenerationResult):
     "A `GenerationResult` with the pipeline's keys: conversation id, request number, pipeline version"
@@ -38,7 +38,7 @@ class PipelineResult(GenerationResult):
 
 _GEN_KEYS = tuple(f.name for f in fields(GenerationResult))
 
-# %% ../nbs/30_pipeline.ipynb #8bd27301
+# %% ../nbs/30_pipeline.ipynb #9c50b820
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 @dataclass
@@ -72,7 +72,7 @@ class _Traffic:
                     latency_count=self.requests-self.errors, latency_buckets=dict(zip(LATENCY_BUCKETS_S, cum)),
                     latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95), recent_samples=len(lat))
 
-# %% ../nbs/30_pipeline.ipynb #81093f89
+# %% ../nbs/30_pipeline.ipynb #f51d70ae
 class _StreamFiller:
     "Fill `{{Name}}` placeholders in streamed text, holding back only an unfinished placeholder"
     def __init__(self, profile:dict[str, str], max_name:int=80): self.profile, self.max_name, self.buf = profile, max_name, ""
@@ -87,7 +87,7 @@ class _StreamFiller:
         out, self.buf = self.buf, ""
         return fill_placeholders(out, self.profile)
 
-# %% ../nbs/30_pipeline.ipynb #b41a4f27
+# %% ../nbs/30_pipeline.ipynb #2cf5f188
 @dataclass
 class _Round:
     "A benchmark round in flight: what triggered it and what was coalesced into it"
@@ -134,7 +134,7 @@ class BankingLLMPipeline:
     @property
     def request_count(self)->int: return self._count
 
-# %% ../nbs/30_pipeline.ipynb #bbc922d2
+# %% ../nbs/30_pipeline.ipynb #299a7091
 @patch
 async def load(self:BankingLLMPipeline)->BankingLLMPipeline:
     "Load the active model and check its health; `ModelUnavailableError` with the reason if unhealthy"
@@ -163,7 +163,7 @@ def create_sync(cls:BankingLLMPipeline, config:Settings|None=None, **kw)->Bankin
     _in_private_loop(p.load)
     return p
 
-# %% ../nbs/30_pipeline.ipynb #092c9128
+# %% ../nbs/30_pipeline.ipynb #a12d157d
 @patch
 def _begin(self:BankingLLMPipeline)->int:
     "Take the next request number; fire the benchmark trigger when it is due"
@@ -187,7 +187,7 @@ def _trigger(self:BankingLLMPipeline, n:int|str)->_Round:
     self._tasks.add(rd.task); rd.task.add_done_callback(self._tasks.discard)
     return rd
 
-# %% ../nbs/30_pipeline.ipynb #c830a51b
+# %% ../nbs/30_pipeline.ipynb #e733a891
 @patch
 def benchmark_versions(self:BankingLLMPipeline)->list[str|ModelAdapter]:
     "What a round covers: `benchmark_models`, or every registered family with the active model standing in for its own"
@@ -223,7 +223,7 @@ async def _run_round(self:BankingLLMPipeline, rd:_Round)->dict:
     except Exception: log.exception("could not append benchmark round %d to %s", rd.seq, self.benchmark_log)
     return record
 
-# %% ../nbs/30_pipeline.ipynb #e3468054
+# %% ../nbs/30_pipeline.ipynb #c00fcf04
 @patch
 def _stats(self:BankingLLMPipeline, model:ModelAdapter)->_Traffic:
     if (t := self._traffic.get(model.version)) is None: t = self._traffic[model.version] = _Traffic()
@@ -253,7 +253,7 @@ async def generate(self:BankingLLMPipeline,
     return PipelineResult(**vals, conversation_id=conversation_id or uuid.uuid4().hex, request_number=n,
                           pipeline_version=PIPELINE_VERSION)
 
-# %% ../nbs/30_pipeline.ipynb #1686aa50
+# %% ../nbs/30_pipeline.ipynb #d645f4e8
 class PipelineStream:
     "Text deltas of one streamed answer; `request_number`, `conversation_id`, `model_version` up front, `result` at the end"
     def __init__(self, pipeline:BankingLLMPipeline, prompt:str, conversation_id:str|None, max_tokens:int,
@@ -311,7 +311,7 @@ def stream(self:BankingLLMPipeline,
     "Answer `prompt` as a stream of text deltas (numbered and counted like `generate`)"
     return PipelineStream(self, prompt, conversation_id, max_tokens, temperature, kw, model)
 
-# %% ../nbs/30_pipeline.ipynb #8afe07ac
+# %% ../nbs/30_pipeline.ipynb #9dc8b343
 @patch
 async def run_benchmark_round(self:BankingLLMPipeline)->dict:
     "Run a round now (or join the one in flight) and return its record"
@@ -337,7 +337,7 @@ async def __aenter__(self:BankingLLMPipeline): return await self.load()
 @patch
 async def __aexit__(self:BankingLLMPipeline, *exc): await self.drain()
 
-# %% ../nbs/30_pipeline.ipynb #6ebc70f2
+# %% ../nbs/30_pipeline.ipynb #a713662b
 @patch
 def get_benchmark_summary(self:BankingLLMPipeline, from_log:bool=False)->dict:
     "The seed's summary: fastest model (recommendation), quality, and the sample size behind each number"
@@ -359,7 +359,7 @@ def get_metrics(self:BankingLLMPipeline)->dict:
                 benchmark=dict(rounds_started=self.rounds_run, rounds_logged=len(self.rounds), triggers=self.triggers,
                                triggers_coalesced=self.triggers_coalesced, round_in_flight=self._round is not None))
 
-# %% ../nbs/30_pipeline.ipynb #d84fac01
+# %% ../nbs/30_pipeline.ipynb #edb30214
 @dataclass
 class SwitchResult:
     "The outcome of `switch_model`"
@@ -368,7 +368,7 @@ class SwitchResult:
     active: str            # the active model version after the attempt
     previous: str          # the active model version before it
     reason: str|None = None
-    status_code: int = 200 # 200 switched; 404 unknown model; 503 it cannot serve (unhealthy, failed to load)
+    status_code: int = 200 # 200 switched; 404 unknown model; 409 it cannot serve now (unhealthy, failed to load)
     def to_dict(self)->dict: return {f.name: getattr(self, f.name) for f in fields(self)}
 
 @patch
@@ -381,12 +381,12 @@ async def switch_model(self:BankingLLMPipeline,
         def fail(reason, code): return SwitchResult(False, version, old.version, old.version, reason, code)
         try:
             new = ModelFactory.create(version, self.config)
-            if not await new.health_check(): return fail(f"{new.version} failed its health check: {new.health_reason}", 503)
+            if not await new.health_check(): return fail(f"{new.version} failed its health check: {new.health_reason}", 409)
             await new.load()
-            if not await new.health_check(): return fail(f"{new.version} failed its health check after loading: {new.health_reason}", 503)
+            if not await new.health_check(): return fail(f"{new.version} failed its health check after loading: {new.health_reason}", 409)
         except ValueError as e: res = fail(str(e), 404)
-        except AdapterError as e: res = fail(e.message, e.status_code if e.status_code >= 500 else 503)
-        except Exception as e: res = fail(f"{type(e).__name__}: {e}", 503)
+        except AdapterError as e: res = fail(e.message, 409)
+        except Exception as e: res = fail(f"{type(e).__name__}: {e}", 409)
         else:
             self.model = new  # the swap: one assignment; requests in flight keep the model they captured
             res = SwitchResult(True, version, new.version, old.version)

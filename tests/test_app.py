@@ -270,7 +270,7 @@ async def test_admin_disabled_without_token(tmp_path, families):
     assert r.status_code == 403 and "BANKLLM_ADMIN_TOKEN" in err(r)["message"]
 
 async def test_switch_and_rollback(client):
-    for target, code, why in [("broken", 503, "backend down"), ("noload", 503, "weights missing"),
+    for target, code, why in [("broken", 409, "backend down"), ("noload", 409, "weights missing"),
                               ("nosuchmodel_1.0.0", 404, "unknown model")]:
         r = await client.post(f"/api/v1/model/switch/{target}", headers=AUTH)
         assert r.status_code == code and why in r.json()["reason"], r.text

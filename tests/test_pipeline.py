@@ -139,7 +139,7 @@ async def test_summary(tmp_path, families):
 # --- switching ---------------------------------------------------------------------------------------------------
 async def test_switch_rollback_keeps_old_model_with_reason(tmp_path, families):
     p = await BankingLLMPipeline.create(cfg(tmp_path, enable_benchmarking=False))
-    for target, code, words in [("broken", 503, "backend down"), ("noload", 503, "weights missing"),
+    for target, code, words in [("broken", 409, "backend down"), ("noload", 409, "weights missing"),
                                 ("nosuch_1.0.0", 404, "available families")]:
         r = await p.switch_model(target)
         assert (r.ok, r.status_code, r.active, p.active_version) == (False, code, "custom-test", "custom-test")

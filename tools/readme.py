@@ -3,7 +3,8 @@
 
 Usage: `python tools/readme.py` writes README.md; `python tools/readme.py --check` exits 1 when README.md is stale.
 Cells marked `#| hide` are left out, directive lines are dropped, code cells become fenced Python followed by
-their saved outputs (markdown as is, plain text fenced).
+their saved outputs (markdown as is, plain text fenced). Image links relative to `nbs/` (`images/...`, right for the
+docs site) are rewritten relative to the repository root.
 """
 import argparse, difflib, json, sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def render(nb_path:Path)->str:
     for cell in json.loads(nb_path.read_text(encoding="utf-8"))["cells"]:
         dirs, body = _directives(_src(cell))
         if "hide" in dirs or not body: continue
-        if cell["cell_type"] == "markdown": parts.append(body); continue
+        if cell["cell_type"] == "markdown": parts.append(body.replace("](images/", "](nbs/images/")); continue  # paths from the root
         if cell["cell_type"] != "code": continue
         if "hide_input" not in dirs: parts.append(f"```python\n{body}\n```")
         if "hide_output" not in dirs: parts += [s for s in map(_output, cell.get("outputs", [])) if s]
