@@ -10,7 +10,7 @@ __all__ = ['log', 'MAX_MESSAGE_CHARS', 'MAX_TOKENS_LIMIT', 'MAX_BODY_BYTES', 'MA
            'ChatRequest', 'TextPart', 'OpenAIMessage', 'StreamOptions', 'ChatCompletionRequest', 'RequestContext',
            'prometheus_text', 'UnknownModelError', 'resolve_model', 'require_admin', 'create_app', 'api_overhead']
 
-# %% ../nbs/50_app.ipynb #9df9344f
+# %% ../nbs/50_app.ipynb #bd799aec
 import asyncio, hmac, json, logging, re, secrets, time, uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,14 +31,14 @@ from .data import SPECIAL_TOKENS
 from .factory import DEFAULT_VERSIONS, ModelFactory, parse_version
 from .pipeline import LATENCY_BUCKETS_S, PIPELINE_VERSION, BankingLLMPipeline, PipelineResult, PipelineStream
 
-# %% ../nbs/50_app.ipynb #c88a4bb7
+# %% ../nbs/50_app.ipynb #b507fe50
 log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4000      # the longest customer message accepted
 MAX_TOKENS_LIMIT = 1024       # `max_tokens` accepted: 1..MAX_TOKENS_LIMIT
 MAX_BODY_BYTES = 1_000_000    # a larger request body is refused with 413 before it is read
 MAX_MESSAGES = 256            # OpenAI `messages` per request
 
-# %% ../nbs/50_app.ipynb #8bd0f26a
+# %% ../nbs/50_app.ipynb #276dc55b
 _CARD_RE = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")                 # 13-19 digits, spaces/dashes between
 _IBAN_RE = re.compile(r"\b([A-Z]{2})\d{2}(?: ?[A-Z0-9]){11,30}\b")                 # country, check digits, 11-30 chars
 
@@ -54,7 +54,7 @@ def mask_sensitive(text:str,              # a prompt, a log message
         if s: text = text.replace(s, "[secret]")
     return _CARD_RE.sub(_mask_card, _IBAN_RE.sub(lambda m: f"[iban {m.group(1)}**]", text))  # IBANs first: they hold digit runs
 
-# %% ../nbs/50_app.ipynb #f7ac7ffb
+# %% ../nbs/50_app.ipynb #0c9cc23d
 class RedactFilter(logging.Filter):
     "Mask card numbers, IBANs and the configured secrets in every record of a logger"
     def __init__(self, secrets:tuple=()): super().__init__(); self.secrets = tuple(s for s in secrets if s)
@@ -67,7 +67,7 @@ def _secret_values(cfg:Settings)->tuple:
     "Every secret in the settings, as plain strings (for masking only)"
     return tuple(v.get_secret_value() for v in (cfg.admin_token, cfg.gemini_api_key, cfg.qlora_api_key) if v is not None)
 
-# %% ../nbs/50_app.ipynb #12d7b758
+# %% ../nbs/50_app.ipynb #5b30d23a
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
                 429: "rate_limit_error", 500: "server_error", 502: "backend_error", 503: "service_unavailable",
@@ -84,7 +84,7 @@ def error_response(request:Request|None, status:int, message:str, param:str|None
     rid = getattr(request.state, "request_id", None) if request is not None else None
     return JSONResponse(error_body(status, message, rid, param, code), status_code=status, headers=headers)
 
-# %% ../nbs/50_app.ipynb #a35c7e09
+# %% ../nbs/50_app.ipynb #2776d049
 def _utf8(s:str)->str:
     try: s.encode("utf-8")
     except UnicodeEncodeError: raise ValueError("must be valid Unicode text (no lone surrogates)") from None
@@ -110,7 +110,7 @@ class ChatRequest(BaseModel):
     max_tokens: MaxTokens = 100                             # most tokens to generate, 1..1024
     temperature: Temperature = 0.7                          # 0 = greedy, up to 2
 
-# %% ../nbs/50_app.ipynb #ee97cd1d
+# %% ../nbs/50_app.ipynb #60d81ae6
 class TextPart(BaseModel):
     "A text part of a message's content"
     type: Literal["text"]
@@ -146,7 +146,7 @@ class ChatCompletionRequest(BaseModel):
         try: return _message(text)
         except ValueError as e: raise BadRequestError(f"the last user message {e}") from None
 
-# %% ../nbs/50_app.ipynb #46e5e0d5
+# %% ../nbs/50_app.ipynb #fd1586b8
 _RID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 class _BodyTooLarge(Exception): pass
@@ -191,7 +191,7 @@ class RequestContext:
     async def _send_error(self, send, status, message, rid):
         await JSONResponse(error_body(status, message, rid), status_code=status)({"type": "http"}, None, send)
 
-# %% ../nbs/50_app.ipynb #336967bc
+# %% ../nbs/50_app.ipynb #4c748e1b
 def _label(v)->str: return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 def _num(v)->str:
@@ -238,7 +238,7 @@ def prometheus_text(metrics:dict,                 # `pipeline.get_metrics()`
                [({"code": c}, n) for c, n in sorted(responses.items())])
     return "\n".join(out) + "\n"
 
-# %% ../nbs/50_app.ipynb #56f59536
+# %% ../nbs/50_app.ipynb #1665cd8a
 class UnknownModelError(LookupError):
     "A model name the registry does not know"
 
@@ -263,7 +263,7 @@ def _stream_with(pipe:BankingLLMPipeline, adapter:ModelAdapter|None, prompt:str,
     "`pipe.stream` from the active model, or from `adapter`"
     return pipe.stream(prompt, model=adapter, **kw)
 
-# %% ../nbs/50_app.ipynb #4ac7a304
+# %% ../nbs/50_app.ipynb #a23cd0c1
 class _State:
     "What the routes share: the pipeline, the settings, the start time"
     def __init__(self, pipeline:BankingLLMPipeline|None, config:Settings):
@@ -282,7 +282,7 @@ class _State:
                 self._loaded = True
         return self.pipeline
 
-# %% ../nbs/50_app.ipynb #cbe00aba
+# %% ../nbs/50_app.ipynb #77bb92cc
 def _bearer(request:Request)->str|None:
     h = request.headers.get("authorization", "")
     scheme, _, token = h.partition(" ")
@@ -302,7 +302,7 @@ async def require_admin(request:Request):
     if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"), want.get_secret_value().encode()):
         raise _AuthError(401, "invalid admin token")
 
-# %% ../nbs/50_app.ipynb #c636edd1
+# %% ../nbs/50_app.ipynb #f4d9b858
 def _param(loc)->str|None:
     parts = [str(x) for x in loc if x not in ("body", "query", "path")]
     return ".".join(parts) or None
@@ -341,7 +341,7 @@ def _install_handlers(app:FastAPI):
     async def _unknown(request:Request, exc:UnknownModelError):
         return error_response(request, 404, str(exc), "model", "model_not_found")
 
-# %% ../nbs/50_app.ipynb #e6be5090
+# %% ../nbs/50_app.ipynb #d52eede9
 async def _pipe(request:Request)->BankingLLMPipeline: return await request.app.state.bankllm.ensure()
 
 def _log_request(request:Request, what:str, prompt:str, model:str):
@@ -349,7 +349,7 @@ def _log_request(request:Request, what:str, prompt:str, model:str):
     log.info("%s request=%s model=%s prompt=%r", what, request.state.request_id, model,
              mask_sensitive(prompt[:300], _secret_values(st.config)))
 
-# %% ../nbs/50_app.ipynb #5730741d
+# %% ../nbs/50_app.ipynb #3bab207b
 async def _models_status(pipe:BankingLLMPipeline, timeout:float=10.0)->list[dict]:
     "Every registered family (and the active model): version, active, available, reason"
     active = pipe.model
@@ -372,7 +372,7 @@ async def _models_status(pipe:BankingLLMPipeline, timeout:float=10.0)->list[dict
         if r["reason"]: r["reason"] = mask_sensitive(r["reason"], secrets_)
     return rows
 
-# %% ../nbs/50_app.ipynb #e065cf71
+# %% ../nbs/50_app.ipynb #f67b3940
 _FINISH = {"stop": "stop", "length": "length", "safety": "content_filter"}
 
 def _completion(r:PipelineResult, cid:str, created:int)->dict:
@@ -414,7 +414,7 @@ async def _sse_stream(s:PipelineStream, first:str|None, it:AsyncIterator, cid:st
         await s.aclose()
     yield "data: [DONE]\n\n"
 
-# %% ../nbs/50_app.ipynb #b7ffa72f
+# %% ../nbs/50_app.ipynb #465c10d9
 def create_app(pipeline:BankingLLMPipeline|None=None, # default: built from `config` at start-up
                config:Settings|None=None,             # default: the pipeline's, else `get_config()`
                drain_timeout_s:float=30.0,            # on shutdown, wait this long for benchmark rounds
@@ -447,7 +447,7 @@ def create_app(pipeline:BankingLLMPipeline|None=None, # default: built from `con
     _add_routes(app, state)
     return app
 
-# %% ../nbs/50_app.ipynb #c8c6e914
+# %% ../nbs/50_app.ipynb #c16c9d46
 def _add_routes(app:FastAPI, state:_State):
     Pipe = Annotated[BankingLLMPipeline, Depends(_pipe)]
     admin = [Depends(require_admin)]
@@ -535,7 +535,7 @@ def _add_routes(app:FastAPI, state:_State):
         return StreamingResponse(_sse_stream(s, first, it, cid, created, include, _secret_values(state.config)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-# %% ../nbs/50_app.ipynb #dde987a9
+# %% ../nbs/50_app.ipynb #53ae121f
 async def api_overhead(n:int=1000,    # timed requests per path (≥ 1000 for a real p99)
                        warmup:int=100, # untimed requests per path first
                       )->pd.DataFrame:

@@ -8,7 +8,7 @@ Docs: https://bankllm.github.io/bankllm/gemini_adapter.html.md"""
 __all__ = ['DEFAULT_MODEL', 'RETRY_STATUSES', 'model_name', 'system_instruction', 'finish_reason', 'confidence', 'retryable',
            'retry_after_s', 'to_adapter_error', 'backoff_delay', 'GeminiAdapter']
 
-# %% ../../nbs/14_gemini_adapter.ipynb #ecae1686
+# %% ../../nbs/14_gemini_adapter.ipynb #f1e3d678
 import asyncio, logging, math, random, time, weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import parsedate_to_datetime
@@ -27,7 +27,7 @@ from ..config import Settings, get_config
 from ..data import normalize_question, system_prompt
 from ..factory import parse_version
 
-# %% ../../nbs/14_gemini_adapter.ipynb #5a504cd9
+# %% ../../nbs/14_gemini_adapter.ipynb #cac29980
 DEFAULT_MODEL = "gemini-2.0-flash"
 
 def model_name(version:str|None,        # e.g. "gemini_2.5_flash_v1.0.0"
@@ -39,7 +39,7 @@ def model_name(version:str|None,        # e.g. "gemini_2.5_flash_v1.0.0"
     if v is None or v.family != "gemini" or not v.variant: return DEFAULT_MODEL
     return "gemini-" + v.variant.replace("_", "-")
 
-# %% ../../nbs/14_gemini_adapter.ipynb #b5c4ca6e
+# %% ../../nbs/14_gemini_adapter.ipynb #22056c6c
 def system_instruction(cfg:Settings)->str:
     "The shared system prompt plus the bank's contact details from the profile"
     seen, lines = set(), []
@@ -49,7 +49,7 @@ def system_instruction(cfg:Settings)->str:
     return (system_prompt(cfg) + "\n\nWhen the customer needs one of these details, use it exactly as written; "
             "never invent others and never write placeholders in braces:\n" + "\n".join(lines))
 
-# %% ../../nbs/14_gemini_adapter.ipynb #a557cf9a
+# %% ../../nbs/14_gemini_adapter.ipynb #2ce25c5b
 _SAFETY = {"SAFETY", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT"}
 
 def finish_reason(reason,              # a `types.FinishReason`, its name, or None
@@ -60,7 +60,7 @@ def finish_reason(reason,              # a `types.FinishReason`, its name, or No
     if blocked or name in _SAFETY: return "safety"
     return {"STOP": "stop", "FINISH_REASON_UNSPECIFIED": "stop", "MAX_TOKENS": "length"}.get(name, name.lower())
 
-# %% ../../nbs/14_gemini_adapter.ipynb #737ff49c
+# %% ../../nbs/14_gemini_adapter.ipynb #2b53ed56
 def confidence(token_logprobs:list[float], # log-probs of the chosen tokens (`logprobs_result`), may be empty
                avg_logprobs:float|None,    # the candidate's `avg_logprobs`, if reported
               )->float|None:
@@ -69,7 +69,7 @@ def confidence(token_logprobs:list[float], # log-probs of the chosen tokens (`lo
     if avg_logprobs is None or not math.isfinite(avg_logprobs): return None
     return min(1.0, math.exp(avg_logprobs))
 
-# %% ../../nbs/14_gemini_adapter.ipynb #4895a31e
+# %% ../../nbs/14_gemini_adapter.ipynb #d2e78fd7
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _HTTP = [m for m in (httpx, httpx2) if m is not None]
 _TIMEOUTS = (TimeoutError, *(m.TimeoutException for m in _HTTP))
@@ -86,7 +86,7 @@ def _key_rejected(e:genai_errors.APIError)->bool:
     details = str(e.details) if e.details is not None else ""
     return e.code in (401, 403) or (e.code == 400 and ("API_KEY_INVALID" in details or "API key" in (e.message or "")))
 
-# %% ../../nbs/14_gemini_adapter.ipynb #a59bb431
+# %% ../../nbs/14_gemini_adapter.ipynb #0be0110b
 def _seconds(v:str)->float|None:
     v = v.strip().removesuffix("s")
     try: return max(0.0, float(v))
@@ -104,7 +104,7 @@ def retry_after_s(e:BaseException)->float|None:
             return _seconds(str(d["retryDelay"]))
     return None
 
-# %% ../../nbs/14_gemini_adapter.ipynb #a693a5b6
+# %% ../../nbs/14_gemini_adapter.ipynb #1ffdfd16
 def _scrub(text:str, secret:str|None)->str:
     return text.replace(secret, "***") if secret and len(secret) >= 4 else text
 
@@ -132,7 +132,7 @@ def to_adapter_error(e:BaseException,          # what the SDK or httpx raised
     if retryable(e): return ModelUnavailableError(_scrub(f"{what}: cannot reach Gemini: {type(e).__name__}: {e}", secret))
     return AdapterError(_scrub(f"{what}: {type(e).__name__}: {e}", secret))
 
-# %% ../../nbs/14_gemini_adapter.ipynb #d89c250e
+# %% ../../nbs/14_gemini_adapter.ipynb #f63f6cce
 def backoff_delay(attempt:int,                # 1 before the first retry, 2 before the second, ...
                   base_s:float=0.5,           # the first wait, before jitter
                   cap_s:float=8.0,            # no single wait is longer (unless the server asks)
@@ -144,7 +144,7 @@ def backoff_delay(attempt:int,                # 1 before the first retry, 2 befo
     d = d/2 + (rng or random).uniform(0, d/2)
     return max(d, retry_after or 0.0)
 
-# %% ../../nbs/14_gemini_adapter.ipynb #0732cfc4
+# %% ../../nbs/14_gemini_adapter.ipynb #9b8e3a80
 _log = logging.getLogger(__name__)
 
 class GeminiAdapter(ModelAdapter):
@@ -175,7 +175,7 @@ class GeminiAdapter(ModelAdapter):
     def _load(self):
         if not self._key(): raise ModelUnavailableError(f"{self.version}: no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY)")
 
-# %% ../../nbs/14_gemini_adapter.ipynb #04569612
+# %% ../../nbs/14_gemini_adapter.ipynb #c7e88683
 @patch
 def _new_client(self:GeminiAdapter)->genai.Client:
     opts = types.HttpOptions(base_url=self.config.gemini_base_url, timeout=int(self.config.gemini_timeout_s*1000),
@@ -200,7 +200,7 @@ def _gen_config(self:GeminiAdapter, max_tokens:int, temperature:float)->types.Ge
                                        max_output_tokens=max_tokens, candidate_count=1,
                                        response_logprobs=True if logprobs else None, thinking_config=thinking)
 
-# %% ../../nbs/14_gemini_adapter.ipynb #339ee4f6
+# %% ../../nbs/14_gemini_adapter.ipynb #20447084
 def _rejects_logprobs(e): return isinstance(e, genai_errors.APIError) and e.code == 400 and "logprob" in str(e).lower()
 
 @patch
@@ -228,7 +228,7 @@ async def _call(self:GeminiAdapter,
             await asyncio.sleep(delay)
             waited += delay
 
-# %% ../../nbs/14_gemini_adapter.ipynb #23ea2090
+# %% ../../nbs/14_gemini_adapter.ipynb #5a05f7d0
 class _Tally:
     "What the responses of one answer say: text, finish reason, usage, log-probs"
     def __init__(self): self.parts, self.finish, self.blocked, self.usage, self.lps, self.avg = [], None, False, None, [], None
@@ -254,7 +254,7 @@ class _Tally:
                           tokens=u.candidates_token_count if u else None, prompt_tokens=u.prompt_token_count if u else None,
                           finish_reason=reason, confidence=confidence(self.lps, self.avg))
 
-# %% ../../nbs/14_gemini_adapter.ipynb #1c0dcac8
+# %% ../../nbs/14_gemini_adapter.ipynb #625918f3
 @patch
 def _contents(self:GeminiAdapter, prompt:str)->str:
     try: return normalize_question(prompt)
@@ -268,7 +268,7 @@ async def _generate(self:GeminiAdapter, prompt, max_tokens, temperature, **kw)->
     t = _Tally(); t.add(r)
     return t.generation()
 
-# %% ../../nbs/14_gemini_adapter.ipynb #4b8b4758
+# %% ../../nbs/14_gemini_adapter.ipynb #92950674
 async def _first_chunk(aio, model, contents, cfg):
     "Open a stream and wait for its first chunk (this is when the request is made)"
     it = aiter(await aio.models.generate_content_stream(model=model, contents=contents, config=cfg))
@@ -292,7 +292,7 @@ async def _stream(self:GeminiAdapter, prompt, max_tokens, temperature, **kw)->As
         if hasattr(it, "aclose"): await it.aclose()
     yield t.generation()
 
-# %% ../../nbs/14_gemini_adapter.ipynb #0d0616a5
+# %% ../../nbs/14_gemini_adapter.ipynb #9dbaad3b
 @patch
 async def _health(self:GeminiAdapter)->tuple[bool, str|None]:
     if not self._key(): return False, "no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY)"
