@@ -7,10 +7,11 @@ Docs: https://bankllm.github.io/bankllm/data.html.md"""
 # %% auto #0
 __all__ = ['DATA_SOURCES', 'DOWNLOAD_TIMEOUT', 'SPLITS', 'DEV_FRACTION', 'SEED', 'BITEXT_COLUMNS', 'PLACEHOLDER_RE',
            'SPECIAL_TOKENS', 'STOP_TOKENS', 'SYSTEM_PROMPT', 'file_sha256', 'download_file', 'data_file',
-           'stratified_split', 'load_banking77', 'load_bitext', 'placeholders_in', 'fill_placeholders', 'system_prompt',
-           'normalize_question', 'format_prompt', 'format_example', 'chat_messages', 'bitext_pairs']
+           'stratified_split', 'load_banking77', 'load_bitext', 'placeholders_in', 'fill_placeholders',
+           'PlaceholderFiller', 'system_prompt', 'normalize_question', 'format_prompt', 'format_example',
+           'chat_messages', 'bitext_pairs']
 
-# %% ../nbs/01_data.ipynb #146f4847
+# %% ../nbs/01_data.ipynb #8058a533
 import hashlib, os, re, shutil, tempfile, urllib.request
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pandas as pd
 
 from .config import Settings, get_config
 
-# %% ../nbs/01_data.ipynb #bbdbfd00
+# %% ../nbs/01_data.ipynb #9e46746e
 DATA_SOURCES = {
     "banking77": dict(
         title="BANKING77", path="banking77/train.csv", cache="banking77/train.csv",
@@ -33,7 +34,7 @@ DATA_SOURCES = {
 }
 DOWNLOAD_TIMEOUT = 60  # seconds a stalled connection may wait before the download gives up
 
-# %% ../nbs/01_data.ipynb #1130c3b2
+# %% ../nbs/01_data.ipynb #81ca7554
 def file_sha256(path:Path)->str:
     "Hex sha256 of the file at `path`"
     with open(path, "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
@@ -54,7 +55,7 @@ def download_file(url:str,               # http(s) URL (or file:// for tests)
         return sha256 or file_sha256(dest)
     finally: Path(tmp).unlink(missing_ok=True)
 
-# %% ../nbs/01_data.ipynb #7a256929
+# %% ../nbs/01_data.ipynb #681c0b00
 def _expected_sha256(src:dict, dest:Path)->str:
     "The pinned digest, else the one recorded beside `dest` (recorded now if missing)"
     if src["sha256"]: return src["sha256"]
@@ -88,7 +89,7 @@ def data_file(name:str,                     # a key of `DATA_SOURCES`: "banking7
     try: return _cached(src, cfg.cache_dir)
     except OSError as e: raise FileNotFoundError(_not_found(src, data_dir, cfg.cache_dir, e)) from e
 
-# %% ../nbs/01_data.ipynb #19cf1022
+# %% ../nbs/01_data.ipynb #792c04df
 SPLITS = ("train", "dev")
 DEV_FRACTION = 0.1  # share of each intent's distinct texts held out for dev
 SEED = 42
@@ -117,7 +118,7 @@ def stratified_split(df:pd.DataFrame,  # one row per example
     dev = rank <= (n*frac).round().clip(lower=1, upper=n-1)
     return df[dev if split == "dev" else ~dev].reset_index(drop=True)
 
-# %% ../nbs/01_data.ipynb #1ee523c5
+# %% ../nbs/01_data.ipynb #c1b11055
 def _read_csv(path:Path)->pd.DataFrame:
     "A CSV with every cell as text (no NaN for 'NA' or 'None')"
     return pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -130,7 +131,7 @@ def load_banking77(split:str="train",             # "train" or "dev"
     df = _read_csv(data_file("banking77", data_dir)).rename(columns={"category": "intent"})
     return stratified_split(df[["text", "intent"]], split, key="text")
 
-# %% ../nbs/01_data.ipynb #09cb9853
+# %% ../nbs/01_data.ipynb #866ca9b3
 BITEXT_COLUMNS = ["instruction", "intent", "category", "response", "tags"]
 
 def load_bitext(split:str="train",             # "train" or "dev"
@@ -141,7 +142,7 @@ def load_bitext(split:str="train",             # "train" or "dev"
     df = _read_csv(data_file("bitext", data_dir))[BITEXT_COLUMNS]
     return stratified_split(df, split, key="instruction")
 
-# %% ../nbs/01_data.ipynb #6c218b28
+# %% ../nbs/01_data.ipynb #7d3189dd
 PLACEHOLDER_RE = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")  # {{Name}}; group 1 is the name
 
 def placeholders_in(text:str)->list[str]:
@@ -155,7 +156,28 @@ def fill_placeholders(text:str,                 # a template with `{{Name}}` hol
     profile = get_config().placeholders if profile is None else profile
     return PLACEHOLDER_RE.sub(lambda m: profile.get(m[1], m[1]), text)
 
-# %% ../nbs/01_data.ipynb #f00868ee
+# %% ../nbs/01_data.ipynb #a55e4ae5
+class PlaceholderFiller:
+    "Fill `{{Name}}` placeholders in streamed text, holding back only an unfinished placeholder"
+    def __init__(self, profile:dict[str, str]|None, max_name:int=80):
+        self.profile, self.max_name, self.buf = profile, max_name, ""
+
+    def feed(self, delta:str)->str:
+        "Text that can be emitted now"
+        self.buf += delta
+        i = self.buf.rfind("{{")
+        if i >= 0 and "}}" not in self.buf[i:] and len(self.buf) - i <= self.max_name + 4:
+            out, self.buf = self.buf[:i], self.buf[i:]
+        elif self.buf.endswith("{"): out, self.buf = self.buf[:-1], "{"
+        else: out, self.buf = self.buf, ""
+        return fill_placeholders(out, self.profile)
+
+    def flush(self)->str:
+        "Whatever is held back, at the end of the stream"
+        out, self.buf = self.buf, ""
+        return fill_placeholders(out, self.profile)
+
+# %% ../nbs/01_data.ipynb #ee3c5c43
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 STOP_TOKENS = ("<|end|>", "<|eos|>")  # generation ends at either
 SYSTEM_PROMPT = ("You are the customer assistant of {bank_name}, a retail bank. Answer the customer's banking "
@@ -176,7 +198,7 @@ def normalize_question(text:str)->str:
     "`text` with whitespace collapsed and trimmed; `ValueError` if it holds a special token"
     return _no_special(" ".join(text.split()), "question")
 
-# %% ../nbs/01_data.ipynb #e998a436
+# %% ../nbs/01_data.ipynb #aa955828
 def format_prompt(question:str,         # the customer's message
                   system:str|None=None, # optional system prompt, e.g. `system_prompt()`
                  )->str:                # ends with `<|assistant|>`: the model continues from here
@@ -196,7 +218,7 @@ def chat_messages(question:str, system:str|None=None)->list[dict]:
     msgs = [{"role": "system", "content": system.strip()}] if system else []
     return msgs + [{"role": "user", "content": normalize_question(question)}]
 
-# %% ../nbs/01_data.ipynb #4aac5311
+# %% ../nbs/01_data.ipynb #6c6ea890
 def bitext_pairs(split:str="train",             # "train" or "dev"
                  data_dir:str|Path|None=None,  # default: the `data_dir` setting, else download
                 )->pd.DataFrame:               # columns `question`, `answer`, `intent`

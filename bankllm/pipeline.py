@@ -8,7 +8,7 @@ Docs: https://bankllm.github.io/bankllm/pipeline.html.md"""
 __all__ = ['PIPELINE_VERSION', 'log', 'LATENCY_BUCKETS_S', 'PipelineResult', 'BankingLLMPipeline', 'PipelineStream',
            'SwitchResult']
 
-# %% ../nbs/30_pipeline.ipynb #f9e1bffd
+# %% ../nbs/30_pipeline.ipynb #bd3be977
 import asyncio, logging, os, threading, time, uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -21,14 +21,14 @@ from fastcore.basics import patch
 from .adapters.base import AdapterError, GenerationResult, ModelAdapter, ModelUnavailableError, percentile
 from .benchmark import BenchmarkSuite, _now, append_jsonl, read_jsonl, run_round, summarize_rounds
 from .config import Settings, get_config
-from .data import PLACEHOLDER_RE, fill_placeholders
+from .data import PlaceholderFiller, fill_placeholders
 from .factory import DEFAULT_VERSIONS, ModelFactory, parse_version
 
-# %% ../nbs/30_pipeline.ipynb #c78585f6
+# %% ../nbs/30_pipeline.ipynb #73b1bf5c
 PIPELINE_VERSION = "1.0.0"
 log = logging.getLogger(__name__)
 
-# %% ../nbs/30_pipeline.ipynb #3d4157ba
+# %% ../nbs/30_pipeline.ipynb #4151ddda
 @dataclass
 class PipelineResult(GenerationResult):
     "A `GenerationResult` with the pipeline's keys: conversation id, request number, pipeline version"
@@ -38,7 +38,7 @@ class PipelineResult(GenerationResult):
 
 _GEN_KEYS = tuple(f.name for f in fields(GenerationResult))
 
-# %% ../nbs/30_pipeline.ipynb #9c50b820
+# %% ../nbs/30_pipeline.ipynb #e7c8c2ce
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 @dataclass
@@ -72,22 +72,7 @@ class _Traffic:
                     latency_count=self.requests-self.errors, latency_buckets=dict(zip(LATENCY_BUCKETS_S, cum)),
                     latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95), recent_samples=len(lat))
 
-# %% ../nbs/30_pipeline.ipynb #f51d70ae
-class _StreamFiller:
-    "Fill `{{Name}}` placeholders in streamed text, holding back only an unfinished placeholder"
-    def __init__(self, profile:dict[str, str], max_name:int=80): self.profile, self.max_name, self.buf = profile, max_name, ""
-    def feed(self, delta:str)->str:
-        self.buf += delta
-        i = self.buf.rfind("{{")
-        if i >= 0 and "}}" not in self.buf[i:] and len(self.buf)-i <= self.max_name+4: out, self.buf = self.buf[:i], self.buf[i:]
-        elif self.buf.endswith("{"): out, self.buf = self.buf[:-1], "{"
-        else: out, self.buf = self.buf, ""
-        return fill_placeholders(out, self.profile)
-    def flush(self)->str:
-        out, self.buf = self.buf, ""
-        return fill_placeholders(out, self.profile)
-
-# %% ../nbs/30_pipeline.ipynb #2cf5f188
+# %% ../nbs/30_pipeline.ipynb #711dcf9f
 @dataclass
 class _Round:
     "A benchmark round in flight: what triggered it and what was coalesced into it"
@@ -134,7 +119,7 @@ class BankingLLMPipeline:
     @property
     def request_count(self)->int: return self._count
 
-# %% ../nbs/30_pipeline.ipynb #299a7091
+# %% ../nbs/30_pipeline.ipynb #78992d86
 @patch
 async def load(self:BankingLLMPipeline)->BankingLLMPipeline:
     "Load the active model and check its health; `ModelUnavailableError` with the reason if unhealthy"
@@ -163,7 +148,7 @@ def create_sync(cls:BankingLLMPipeline, config:Settings|None=None, **kw)->Bankin
     _in_private_loop(p.load)
     return p
 
-# %% ../nbs/30_pipeline.ipynb #a12d157d
+# %% ../nbs/30_pipeline.ipynb #3afbfbe9
 @patch
 def _begin(self:BankingLLMPipeline)->int:
     "Take the next request number; fire the benchmark trigger when it is due"
@@ -187,7 +172,7 @@ def _trigger(self:BankingLLMPipeline, n:int|str)->_Round:
     self._tasks.add(rd.task); rd.task.add_done_callback(self._tasks.discard)
     return rd
 
-# %% ../nbs/30_pipeline.ipynb #e733a891
+# %% ../nbs/30_pipeline.ipynb #f6d0d728
 @patch
 def benchmark_versions(self:BankingLLMPipeline)->list[str|ModelAdapter]:
     "What a round covers: `benchmark_models`, or every registered family with the active model standing in for its own"
@@ -223,7 +208,7 @@ async def _run_round(self:BankingLLMPipeline, rd:_Round)->dict:
     except Exception: log.exception("could not append benchmark round %d to %s", rd.seq, self.benchmark_log)
     return record
 
-# %% ../nbs/30_pipeline.ipynb #c00fcf04
+# %% ../nbs/30_pipeline.ipynb #d0ce736a
 @patch
 def _stats(self:BankingLLMPipeline, model:ModelAdapter)->_Traffic:
     if (t := self._traffic.get(model.version)) is None: t = self._traffic[model.version] = _Traffic()
@@ -253,7 +238,7 @@ async def generate(self:BankingLLMPipeline,
     return PipelineResult(**vals, conversation_id=conversation_id or uuid.uuid4().hex, request_number=n,
                           pipeline_version=PIPELINE_VERSION)
 
-# %% ../nbs/30_pipeline.ipynb #d645f4e8
+# %% ../nbs/30_pipeline.ipynb #2230bf16
 class PipelineStream:
     "Text deltas of one streamed answer; `request_number`, `conversation_id`, `model_version` up front, `result` at the end"
     def __init__(self, pipeline:BankingLLMPipeline, prompt:str, conversation_id:str|None, max_tokens:int,
@@ -273,7 +258,7 @@ class PipelineStream:
 
     async def _deltas(self):
         p, m = self.pipeline, self.model
-        filler = _StreamFiller(p.profile) if p.fill else None
+        filler = PlaceholderFiller(p.profile) if p.fill else None
         t0, ttft, parts = time.perf_counter(), None, []
         try:
             async for d in m.stream(self.prompt, max_tokens=self.max_tokens, temperature=self.temperature, **self.kw):
@@ -311,7 +296,7 @@ def stream(self:BankingLLMPipeline,
     "Answer `prompt` as a stream of text deltas (numbered and counted like `generate`)"
     return PipelineStream(self, prompt, conversation_id, max_tokens, temperature, kw, model)
 
-# %% ../nbs/30_pipeline.ipynb #9dc8b343
+# %% ../nbs/30_pipeline.ipynb #6cb14e0d
 @patch
 async def run_benchmark_round(self:BankingLLMPipeline)->dict:
     "Run a round now (or join the one in flight) and return its record"
@@ -337,7 +322,7 @@ async def __aenter__(self:BankingLLMPipeline): return await self.load()
 @patch
 async def __aexit__(self:BankingLLMPipeline, *exc): await self.drain()
 
-# %% ../nbs/30_pipeline.ipynb #a713662b
+# %% ../nbs/30_pipeline.ipynb #61779427
 @patch
 def get_benchmark_summary(self:BankingLLMPipeline, from_log:bool=False)->dict:
     "The seed's summary: fastest model (recommendation), quality, and the sample size behind each number"
@@ -359,7 +344,7 @@ def get_metrics(self:BankingLLMPipeline)->dict:
                 benchmark=dict(rounds_started=self.rounds_run, rounds_logged=len(self.rounds), triggers=self.triggers,
                                triggers_coalesced=self.triggers_coalesced, round_in_flight=self._round is not None))
 
-# %% ../nbs/30_pipeline.ipynb #edb30214
+# %% ../nbs/30_pipeline.ipynb #57e07056
 @dataclass
 class SwitchResult:
     "The outcome of `switch_model`"

@@ -10,9 +10,10 @@ __all__ = ['SHIPPED_QLORA_VERSION', 'SHIPPED_QLORA_CONFIG', 'resolve_base', 'bnb
            'QLoRAResult', 'finetune_qlora', 'adapter_dir', 'adapter_record', 'adapter_base', 'load_adapted',
            'merge_adapter', 'plot_qlora_history']
 
-# %% ../nbs/12_qlora.ipynb #69ffbf3d
-import json, math, os, random, time, warnings
+# %% ../nbs/12_qlora.ipynb #bd0961db
+import json, math, os, random, shutil, time, warnings
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,14 +26,22 @@ from transformers.utils import logging as hf_logging
 
 from .config import get_config
 from .data import bitext_pairs, chat_messages, file_sha256
-from .training import checkpoints_dir, export_hf, load_checkpoint, lr_at, pick_device, stratified_head
+from .training import _hardware, checkpoints_dir, export_hf, load_checkpoint, lr_at, pick_device, stratified_head
 
-# %% ../nbs/12_qlora.ipynb #bf547613
+# %% ../nbs/12_qlora.ipynb #4fe49564
 def _is_custom_checkpoint(d:Path)->bool:
     "A folder written by `save_checkpoint` (our format) rather than a Hugging Face one"
     try: cfg = json.loads((d/"config.json").read_text())
     except (OSError, ValueError): return False
     return (d/"model.safetensors").is_file() and (d/"tokenizer.json").is_file() and "model_type" not in cfg
+
+@lru_cache(maxsize=32)
+def _weights_sha(path:str, mtime_ns:int, size:int)->str: return file_sha256(path)[:12]
+
+def _weights_id(p:Path)->str:
+    "Short sha256 of a weights file, hashed once per version of the file (health checks call `resolve_base` often)"
+    st = p.stat()
+    return _weights_sha(str(p), st.st_mtime_ns, st.st_size)
 
 def resolve_base(base:str|Path,            # hub id, Hugging Face folder, or custom checkpoint (name or folder)
                  cache_dir:str|Path|None=None, # where custom checkpoints are exported; default: the cache-dir setting
@@ -41,17 +50,18 @@ def resolve_base(base:str|Path,            # hub id, Hugging Face folder, or cus
     for d in (Path(base).expanduser(), checkpoints_dir()/str(base)):
         if _is_custom_checkpoint(d):
             root = Path(cache_dir or get_config().cache_dir).expanduser()
-            out = root/"hf"/f"{d.name}-{file_sha256(d/'model.safetensors')[:12]}"
+            out = root/"hf"/f"{d.name}-{_weights_id(d/'model.safetensors')}"
             if not (out/"model.safetensors").is_file():
                 model, tok = load_checkpoint(d)
                 tmp = out.with_name(out.name + f".tmp{os.getpid()}")
                 export_hf(model, tok, tmp)
-                tmp.replace(out) if not out.exists() else None  # another process may have won the race: fine
+                if out.exists(): shutil.rmtree(tmp)  # another process exported it first: same weights, keep theirs
+                else: tmp.replace(out)
             return str(out)
     if Path(base).expanduser().is_dir(): return str(Path(base).expanduser())
     return str(base)  # a hub id: from_pretrained downloads it (with internet) or fails with its own clear error
 
-# %% ../nbs/12_qlora.ipynb #dd5a7387
+# %% ../nbs/12_qlora.ipynb #22a3389e
 @contextmanager
 def _quiet():
     "No 'Loading weights' progress bar and no deprecation notices while loading (servers and the CLI load models too)"
@@ -82,7 +92,7 @@ def load_base(base:str|Path,               # anything `resolve_base` accepts
     if tok.pad_token is None: tok.pad_token = tok.eos_token  # Llama 3 has none; padded positions carry no loss anyway
     return model.eval(), tok
 
-# %% ../nbs/12_qlora.ipynb #20616f05
+# %% ../nbs/12_qlora.ipynb #3fec4e8d
 def _quantized_bytes(layer)->tuple[int, int, int]:
     "(weights, per-weight storage in bytes, fixed per-layer tables in bytes) of one `Linear4bit`"
     w, qs = layer.weight, layer.weight.quant_state
@@ -119,7 +129,7 @@ def memory_table(base:str|Path, device:str|torch.device="auto")->pd.DataFrame:
     df.attrs.update(quantized_weights=n, other_bytes=q["other_bytes"])
     return df.round(4)
 
-# %% ../nbs/12_qlora.ipynb #6665f9ba
+# %% ../nbs/12_qlora.ipynb #ce5a634e
 @dataclass
 class QLoRAConfig:
     "How to fine-tune; saved with the adapter"
@@ -160,7 +170,7 @@ def trainable_parameters(model:torch.nn.Module)->tuple[int, int]:
         total += n; trainable += n if p.requires_grad else 0
     return trainable, total
 
-# %% ../nbs/12_qlora.ipynb #85c1b18c
+# %% ../nbs/12_qlora.ipynb #c3c6eb58
 def chat_example(tok, question:str, answer:str, system:str|None=None, max_len:int=320)->tuple[list[int], list[int]]:
     "(input_ids, labels) of one chat; labels are -100 on the prompt"
     msgs = chat_messages(question, system)
@@ -179,7 +189,7 @@ def chat_batch(examples:list[tuple[list[int], list[int]]], pad_id:int)->dict[str
                 attention_mask=torch.tensor([pad([1]*len(i), 0) for i, _ in examples]),
                 labels=torch.tensor([pad(l, -100) for _, l in examples]))
 
-# %% ../nbs/12_qlora.ipynb #c716ce66
+# %% ../nbs/12_qlora.ipynb #98b95b89
 @dataclass
 class QLoRAResult:
     "What a fine-tuning run did"
@@ -194,12 +204,7 @@ def _dev_loss(model, batches)->float:
     model.train()
     return sum(losses) / len(losses)
 
-def _hardware(device:torch.device)->dict:
-    hw = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads())
-    if device.type == "cuda": hw["gpu"] = torch.cuda.get_device_name(device)
-    return hw
-
-# %% ../nbs/12_qlora.ipynb #cb8909f3
+# %% ../nbs/12_qlora.ipynb #1b2dccfe
 def finetune_qlora(base:str|Path,                 # hub id, Hugging Face folder or custom checkpoint
                    out_dir:str|Path,              # where the adapter is saved
                    cfg:QLoRAConfig|None=None,
@@ -251,7 +256,7 @@ def finetune_qlora(base:str|Path,                 # hub id, Hugging Face folder 
     ac = Path(out_dir)/"adapter_config.json"
     ac.write_text(json.dumps({**json.loads(ac.read_text()), "base_model_name_or_path": str(base)}, indent=2, sort_keys=True) + "\n")
     (Path(out_dir)/"README.md").unlink(missing_ok=True)  # peft's empty model card
-    steps = step + 1
+    steps, recent = step + 1, [h["loss"] for h in res.history[-20:] if "loss" in h]
     res.record = dict(
         version=version, base=str(base), created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         config=asdict(cfg), steps=steps, train_seconds=round(train_s, 1),
@@ -260,12 +265,12 @@ def finetune_qlora(base:str|Path,                 # hub id, Hugging Face folder 
         trainable_params=trainable, total_params=total, trainable_fraction=trainable / total,
         base_weight_memory=mem, hardware=_hardware(device),
         peak_cuda_memory_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-        final_train_loss=sum(h["loss"] for h in res.history[-20:] if "loss" in h) / len([h for h in res.history[-20:] if "loss" in h]),
+        final_train_loss=sum(recent) / len(recent),
         final_dev_loss=[h for h in res.history if "dev_loss" in h][-1]["dev_loss"], history=res.history)
     (Path(out_dir)/"training.json").write_text(json.dumps(res.record, indent=2, default=str))
     return res
 
-# %% ../nbs/12_qlora.ipynb #3298ffc4
+# %% ../nbs/12_qlora.ipynb #3458f921
 def adapter_dir(name_or_path:str|Path)->Path:
     "The folder of an adapter given as a path or as the name of a shipped one"
     for d in (Path(name_or_path).expanduser(), checkpoints_dir()/str(name_or_path)):
@@ -297,11 +302,11 @@ def merge_adapter(adapter:str|Path, out_dir:str|Path, base:str|Path|None=None)->
     out = Path(out_dir); merged.save_pretrained(out); tok.save_pretrained(out)
     return out
 
-# %% ../nbs/12_qlora.ipynb #07fb87db
+# %% ../nbs/12_qlora.ipynb #6e361ba8
 SHIPPED_QLORA_VERSION = "qlora_vllm_finetuned_model_v1.0.0"
 SHIPPED_QLORA_CONFIG = QLoRAConfig(steps=600, batch_size=16, lr=1e-3, eval_every=100)
 
-# %% ../nbs/12_qlora.ipynb #2e8becc2
+# %% ../nbs/12_qlora.ipynb #af286f5e
 def plot_qlora_history(history:list[dict]):
     "Training loss (smoothed) and dev loss against steps"
     import matplotlib.pyplot as plt

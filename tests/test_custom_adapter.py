@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bankllm.adapters.base import BadRequestError
-from bankllm.adapters.custom import CustomAdapter, PlaceholderFiller
+from bankllm.adapters.custom import CustomAdapter
+from bankllm.data import PlaceholderFiller
 from bankllm.config import get_config
 from bankllm.data import SPECIAL_TOKENS, fill_placeholders
 from bankllm.tokenizer import BPETokenizer

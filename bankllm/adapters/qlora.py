@@ -8,7 +8,7 @@ Docs: https://bankllm.github.io/bankllm/qlora_adapter.html.md"""
 __all__ = ['vllm_installed', 'pick_engine', 'QLoRAAdapter', 'TransformersEngine', 'TextDeltas', 'VLLMEngine', 'OpenAIEngine',
            'evaluate_adapter', 'stored_adapter_quality']
 
-# %% ../../nbs/13_qlora_adapter.ipynb #d4a5c443
+# %% ../../nbs/13_qlora_adapter.ipynb #c5e7ac3c
 import asyncio, importlib.util, inspect, json, math, re, threading, time
 from pathlib import Path
 
@@ -18,14 +18,13 @@ from fastcore.basics import patch
 
 from .base import (AdapterError, AdapterTimeoutError, BadRequestError, Generation, ModelAdapter,
                                    ModelUnavailableError, RateLimitedError, iterate_in_thread)
-from .custom import PlaceholderFiller
 from ..config import get_config
-from ..data import bitext_pairs, chat_messages, file_sha256, normalize_question
+from ..data import PlaceholderFiller, bitext_pairs, chat_messages, file_sha256, normalize_question
 from ..evaluation import default_classifier, evaluate, load_quality, quality_table, save_quality
 from ..qlora import adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
 from ..transformer import _next_token
 
-# %% ../../nbs/13_qlora_adapter.ipynb #81664617
+# %% ../../nbs/13_qlora_adapter.ipynb #86e1c5d6
 def vllm_installed()->bool: return importlib.util.find_spec("vllm") is not None
 
 def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None=None, has_cuda:bool|None=None)->str:
@@ -36,7 +35,7 @@ def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None
     has_cuda = torch.cuda.is_available() if has_cuda is None else has_cuda
     return "vllm" if has_vllm and has_cuda else "transformers"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #23516f76
+# %% ../../nbs/13_qlora_adapter.ipynb #d32ac22a
 class QLoRAAdapter(ModelAdapter):
     "A base model + LoRA adapter behind the adapter contract, served by vLLM, transformers or a remote server"
     family = "qlora"
@@ -63,7 +62,7 @@ class QLoRAAdapter(ModelAdapter):
 
     def __repr__(self): return f"QLoRAAdapter(version={self.version!r}, engine={self.engine!r})"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #a51e01c9
+# %% ../../nbs/13_qlora_adapter.ipynb #e14e3f72
 def _stop_ids(model, tok)->set[int]:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -107,7 +106,7 @@ class TransformersEngine:
     def memory_mb(self)->float:
         return self.model.get_memory_footprint() / 2**20
 
-# %% ../../nbs/13_qlora_adapter.ipynb #d186f3aa
+# %% ../../nbs/13_qlora_adapter.ipynb #88b7f200
 class TextDeltas:
     "Incremental detokenizer: feed token ids, get the new text (never half a character)"
     def __init__(self, tok): self.tok, self.ids, self.sent = tok, [], 0
@@ -118,7 +117,7 @@ class TextDeltas:
         d, self.sent = text[self.sent:], len(text)
         return d
 
-# %% ../../nbs/13_qlora_adapter.ipynb #ec20e5ec
+# %% ../../nbs/13_qlora_adapter.ipynb #3f56436e
 @patch
 def _load(self:QLoRAAdapter):
     if self.engine == "transformers":
@@ -168,7 +167,7 @@ async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None
     final.text = "".join(parts)
     yield final
 
-# %% ../../nbs/13_qlora_adapter.ipynb #401f87d5
+# %% ../../nbs/13_qlora_adapter.ipynb #7b8f3885
 def _context(path:str, cap:int)->int|None:
     "The base's context length, capped (a 128 k context would reserve a huge KV cache); None for hub ids"
     try: n = json.loads((Path(path)/"config.json").read_text()).get("max_position_embeddings")
@@ -177,7 +176,6 @@ def _context(path:str, cap:int)->int|None:
 
 class VLLMEngine:
     "In-process `vllm.LLM` with LoRA; blocking calls run in a worker thread"
-    device = "cuda"
     def __init__(self, adapter:Path, base:str|None, config):
         from vllm import LLM
         from vllm.lora.request import LoRARequest
@@ -208,7 +206,7 @@ class VLLMEngine:
         if t: yield t
         yield g
 
-# %% ../../nbs/13_qlora_adapter.ipynb #28998a5c
+# %% ../../nbs/13_qlora_adapter.ipynb #2180aa62
 class OpenAIEngine:
     "A remote OpenAI-compatible chat server (e.g. `vllm serve ... --enable-lora`), via the official async client"
     device = "remote"
@@ -277,7 +275,7 @@ def _message(e)->str:
     if isinstance(body, dict) and body.get("message"): return str(body["message"])[:500]
     return str(getattr(e, "message", e))[:500]
 
-# %% ../../nbs/13_qlora_adapter.ipynb #63098a51
+# %% ../../nbs/13_qlora_adapter.ipynb #6593c1a7
 @patch
 async def _health(self:QLoRAAdapter):
     if self.engine == "openai":
@@ -300,7 +298,7 @@ async def _health(self:QLoRAAdapter):
     if not hub_id and not Path(resolve_base(base)).is_dir(): return False, f"base model {base!r} not found"
     return True, None
 
-# %% ../../nbs/13_qlora_adapter.ipynb #e3f9b000
+# %% ../../nbs/13_qlora_adapter.ipynb #54a5cb69
 def _adapter_sha256(adapter)->str: return file_sha256(adapter_dir(adapter)/"adapter_model.safetensors")
 
 async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", data_dir=None, limit:int|None=None,
