@@ -12,6 +12,7 @@ CONFIGS = {
     "mha": ModelConfig.tiny(),
     "gqa": ModelConfig.tiny(n_embd=64, n_head=4, n_kv_head=2),
     "mqa-untied": ModelConfig.tiny(n_embd=48, n_head=3, n_kv_head=1, n_layer=3, tie_embeddings=False),
+    "hd12": ModelConfig.tiny(n_embd=36, n_head=3, n_kv_head=3),  # 1/sqrt(head_dim) and sqrt(C) not powers of two
 }
 
 
@@ -78,6 +79,25 @@ def test_decode_step_equals_forward_with_cache(name):
             torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
     assert c1.length == c2.length == 25
     for a, b in zip(c1.k + c1.v, c2.k + c2.v): torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_step_in_bfloat16_is_as_close_as_forward():
+    "A bfloat16 model decodes through the same fast path: no further from float32 than bfloat16 `forward` is"
+    ref = lively(CONFIGS["gqa"])
+    m = lively(CONFIGS["gqa"]).to(torch.bfloat16)
+    seq = torch.randint(0, m.config.vocab_size, (1, 20))
+    c1, c2, c3 = m.new_cache(), m.new_cache(), ref.new_cache()
+    err_fast = err_forward = 0.0
+    with torch.inference_mode():
+        m(seq[:, :4], cache=c1); m(seq[:, :4], cache=c2); ref(seq[:, :4], cache=c3)
+        for t in range(4, 20):
+            fast = m.decode_step(int(seq[0, t]), c1, t)
+            slow = m(seq[:, t:t + 1], cache=c2, start_pos=t)[0][0, -1]
+            exact = ref(seq[:, t:t + 1], cache=c3, start_pos=t)[0][0, -1]
+            err_fast = max(err_fast, ((fast - exact).abs().max() / exact.abs().max()).item())
+            err_forward = max(err_forward, ((slow - exact).abs().max() / exact.abs().max()).item())
+    assert fast.dtype == torch.float32 and c1.k[0].dtype == torch.bfloat16 and m.decode_weights().head.dtype == torch.bfloat16
+    assert 0 < err_fast <= 2 * err_forward  # bfloat16 rounding, not a wrong dtype or a lost scale
 
 
 def test_decode_weights_follow_the_parameters():
