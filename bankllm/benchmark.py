@@ -314,7 +314,8 @@ def plot_latency(df:pd.DataFrame, ax=None):
         ax.plot(x, [i]*len(x), "o", ms=4, alpha=0.4)                        # every sample
         ax.plot([percentile(x, 50)]*2, [i-0.3, i+0.3], "k-", lw=2)          # the median
         ax.plot([percentile(x, 25), percentile(x, 75)], [i, i], "k-", lw=1)  # the middle half
-    ax.set_yticks(range(1, len(d)+1), list(d.model_version)); ax.set_ylim(0.5, len(d)+0.5)
+    ax.set_yticks(range(1, len(d)+1), list(d.model_version)); ax.set_ylim(0.5, max(len(d), 1)+0.5)
+    if d.empty: ax.text(0.5, 0.5, "no model answered", ha="center", va="center", transform=ax.transAxes)
     ax.set_xscale("log"); ax.set_xlabel("latency per request (ms, log scale)")
     ax.set_title("Latency per model (n = " + ", ".join(str(n) for n in d.n) + ")")
     ax.figure.tight_layout()

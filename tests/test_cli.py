@@ -61,6 +61,27 @@ def test_bench(tmp_path, capsys):
     (rec,) = [json.loads(l) for l in (tmp_path/"benchmark.jsonl").read_text().splitlines()]
     assert rec["model_version"] == "custom-test" and rec["status"] == "ok" and [s["concurrency"] for s in rec["sweep"]] == [1, 2]
 
+def test_bench_kv_cache_on_the_configured_checkpoint(tmp_path, capsys, monkeypatch):
+    "--kv-cache measures the model BANKLLM_CUSTOM_CHECKPOINT names; answers that would overflow the context are cut to fit"
+    import torch
+    from bankllm.tokenizer import BPETokenizer
+    from bankllm.training import save_checkpoint
+    from bankllm.transformer import BankingLLM, ModelConfig
+    tok = BPETokenizer.train(["How do I dispute an ATM withdrawal?", "Call us and we will help."] * 5, vocab_size=300)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(BankingLLM(ModelConfig.tiny(vocab_size=tok.vocab_size)).eval(), tok, tmp_path/"tiny")
+    monkeypatch.setenv("BANKLLM_CUSTOM_CHECKPOINT", str(ckpt))
+    assert main(["bench", "--kv-cache", "--runs", "1", "--out", str(tmp_path/"out")]) == 0  # 256 tokens asked, block_size 64
+    out = capsys.readouterr().out
+    assert "recompute" in out and "identical greedy tokens" in out and str(ckpt) in out
+    rec = json.loads((tmp_path/"out"/"kv_cache.json").read_text())
+    assert rec["checkpoint"] == str(ckpt) and [r["mode"] for r in rec["rows"]] == ["KV cache", "recompute"]
+    assert rec["rows"][0]["new_tokens"] == rec["rows"][1]["new_tokens"] == 64 - rec["prompt_tokens"]
+    assert rec["params"] == sum(p.numel() for p in BankingLLM(ModelConfig.tiny(vocab_size=tok.vocab_size)).parameters())
+
+def test_bench_kv_cache_rejects_zero_runs(capsys):
+    assert main(["bench", "--kv-cache", "--runs", "0"]) == 2 and "at least 1" in capsys.readouterr().err
+
 def test_bench_all_unavailable_is_status_1(tmp_path, capsys):
     assert main(["bench", "--models", "gemini", "--n", "0", "--concurrency", "", "--out", str(tmp_path)]) == 1
     assert "unavailable" in capsys.readouterr().out
