@@ -1,11 +1,15 @@
 """The QLoRA adapter's engines. `transformers`: the shipped adapter on its 4-bit base (also in the contract suite).
 `openai`: the official client against a real OpenAI-compatible server on a loopback port — our own app under uvicorn,
 serving the same QLoRA model, so the remote answer must equal the local one. `vllm`: see tools/vllm_check.py
-(vLLM is not installed in the test environment; its health reason is tested here)."""
+(vLLM is not installed in the test environment; its health reason is tested here, and the engine's streaming loop
+over vLLM's `LLMEngine` calls against a stand-in for that engine)."""
+import itertools, math, sys, threading, time
+from types import SimpleNamespace
+
 import pytest
 
-from bankllm.adapters.base import ModelUnavailableError
-from bankllm.adapters.qlora import QLoRAAdapter, pick_engine, vllm_installed
+from bankllm.adapters.base import Generation, ModelUnavailableError
+from bankllm.adapters.qlora import QLoRAAdapter, VLLMEngine, pick_engine, vllm_installed
 from bankllm.app import create_app
 from bankllm.config import get_config
 from bankllm.pipeline import BankingLLMPipeline
@@ -37,6 +41,54 @@ async def test_unhealthy_with_the_exact_reason_never_a_crash(settings, reason):
 async def test_vllm_engine_without_vllm_says_how_to_get_it():
     a = QLoRAAdapter(config=get_config(qlora_engine="vllm"))
     assert await a.health_check() is False and "vLLM is not installed" in a.health_reason
+
+
+class StepEngine:
+    "The part of vLLM's `LLMEngine` that `VLLMEngine` drives: one word per `step()`, cumulative outputs as vLLM's"
+    def __init__(self, words, delay=0.0): self.words, self.delay, self.live, self.aborted, self.prompts = words, delay, {}, [], []
+    def add_request(self, request_id, prompt, params, lora_request=None):
+        self.prompts.append(prompt); self.live[request_id] = 0
+        return request_id + "-84fba37a"  # as vLLM 0.32: an internal id is returned; outputs and abort use the caller's
+    def has_unfinished_requests(self): return bool(self.live)
+    def abort_request(self, ids): self.aborted += ids; [self.live.pop(i, None) for i in ids]
+    def step(self):
+        if self.delay and any(self.live.values()): time.sleep(self.delay)  # a real step takes time; the first is quick
+        outs = []
+        for rid, n in list(self.live.items()):
+            n = self.live[rid] = n + 1
+            done = n == len(self.words)
+            if done: del self.live[rid]
+            o = SimpleNamespace(text="".join(self.words[:n]), token_ids=list(range(n)), finish_reason="stop" if done else None,
+                                logprobs=[{i: SimpleNamespace(logprob=-0.1)} for i in range(n)])
+            outs.append(SimpleNamespace(request_id=rid, finished=done, prompt_token_ids=[7, 8, 9], outputs=[o]))
+        return outs
+
+@pytest.fixture
+def step_engine(monkeypatch):
+    "A `VLLMEngine` over `StepEngine` (vLLM itself is not installed here)"
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=lambda **kw: kw))
+    e = VLLMEngine.__new__(VLLMEngine)
+    e.llm = SimpleNamespace(llm_engine=StepEngine(["Your ", "card ", "is ", "on ", "its ", "way."]))
+    e.tok = SimpleNamespace(apply_chat_template=lambda *a, **kw: {"input_ids": [7, 8, 9]})
+    e.lora, e.device, e.lock, e.ids = None, "cpu", threading.Lock(), itertools.count()
+    return e
+
+async def test_vllm_engine_streams_every_step(step_engine):
+    out = [d async for d in step_engine.stream("Where is my card?", None, 16, 0.0)]
+    *deltas, final = out
+    assert deltas == ["Your ", "card ", "is ", "on ", "its ", "way."] and isinstance(final, Generation)
+    assert (final.tokens, final.prompt_tokens, final.finish_reason) == (6, 3, "stop")
+    assert final.confidence == pytest.approx(math.exp(-0.1))
+    assert step_engine.llm.llm_engine.prompts == [{"prompt_token_ids": [7, 8, 9]}]  # the chat template's ids
+
+async def test_vllm_engine_aborts_a_request_whose_client_left(step_engine):
+    eng = step_engine.llm.llm_engine
+    eng.delay = 0.3  # the client leaves during the second step
+    s = step_engine.stream("Where is my card?", None, 16, 0.0)
+    assert await anext(s) == "Your "
+    await s.aclose()
+    assert eng.aborted == ["bankllm-0"] and not eng.has_unfinished_requests()
+    assert [d async for d in step_engine.stream("again", None, 16, 0.0)][-1].tokens == 6  # the engine still serves
 
 
 @pytest.fixture(scope="module")

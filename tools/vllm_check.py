@@ -3,7 +3,8 @@
     python tools/vllm_check.py OUT.json [--serve]
 
 1. In-process engine: `QLoRAAdapter(engine="vllm")` = `vllm.LLM(base, enable_lora=True)` + a `LoRARequest` for the
-   shipped adapter; greedy answers compared with the transformers engine on the same full-precision base + adapter.
+   shipped adapter; greedy answers compared with the transformers engine on the same full-precision base + adapter;
+   then streaming: deltas as the engine steps, their join equal to `generate`'s text, TTFT, and a client leaving early.
    If this vLLM build cannot apply LoRA, the merged model (`merge_adapter`) is served instead, and that is recorded.
 2. `--serve`: `vllm serve BASE --enable-lora --lora-modules bank=ADAPTER` as a subprocess, and the adapter's `openai`
    engine against it.
@@ -17,6 +18,23 @@ QS = ["How do I activate my new card?", "I want to close my savings account", "W
 
 async def answers(adapter, n=60):
     return [(await adapter.generate(q, max_tokens=n, temperature=0)) for q in QS]
+
+
+async def streaming(adapter, n=60):
+    "Token-by-token streaming: the deltas, their join against `generate`, TTFT, and an early exit that aborts cleanly"
+    t0, deltas, first = time.perf_counter(), [], None
+    async for d in adapter.stream(QS[0], max_tokens=n, temperature=0):
+        first = first or time.perf_counter() - t0
+        deltas.append(d)
+    whole = await adapter.generate(QS[0], max_tokens=n, temperature=0)
+    s = adapter.stream(QS[1], max_tokens=n, temperature=0)
+    async for _ in s: break  # the client goes away after the first delta
+    await s.aclose()
+    after = await adapter.generate(QS[1], max_tokens=n, temperature=0)  # the engine still serves, from a clean state
+    return dict(deltas=len(deltas), joined_equals_generate="".join(deltas) == whole.text,
+                first_delta_ms=round(first * 1000, 1), total_ms=round((time.perf_counter() - t0) * 1000, 1),
+                generate_ttft_ms=round(whole.ttft_ms, 1), generate_latency_ms=round(whole.latency_ms, 1),
+                after_early_exit_tokens=after.tokens)
 
 
 def run(out:dict, name:str, f):
@@ -50,7 +68,7 @@ def main():
     def lora():
         a = QLoRAAdapter(config=get_config(qlora_engine="vllm", request_timeout_s=900), fill_placeholders=False)
         assert asyncio.run(a.health_check()), a.health_reason
-        return compare(a)
+        return dict(compare(a), streaming=asyncio.run(streaming(a)))
     run(res, "vllm_in_process_lora", lora)
 
     if "error" in res["vllm_in_process_lora"]:

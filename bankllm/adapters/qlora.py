@@ -8,8 +8,8 @@ Docs: https://bankllm.github.io/bankllm/qlora_adapter.html.md"""
 __all__ = ['vllm_installed', 'pick_engine', 'QLoRAAdapter', 'TransformersEngine', 'TextDeltas', 'VLLMEngine', 'OpenAIEngine',
            'evaluate_adapter', 'stored_adapter_quality']
 
-# %% ../../nbs/13_qlora_adapter.ipynb #c5e7ac3c
-import asyncio, importlib.util, inspect, json, math, re, threading, time
+# %% ../../nbs/13_qlora_adapter.ipynb #a37624f1
+import asyncio, contextlib, importlib.util, inspect, itertools, json, math, re, threading, time
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +24,7 @@ from ..evaluation import default_classifier, evaluate, load_quality, quality_tab
 from ..qlora import adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
 from ..transformer import _next_token
 
-# %% ../../nbs/13_qlora_adapter.ipynb #86e1c5d6
+# %% ../../nbs/13_qlora_adapter.ipynb #78fe5431
 def vllm_installed()->bool: return importlib.util.find_spec("vllm") is not None
 
 def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None=None, has_cuda:bool|None=None)->str:
@@ -35,7 +35,7 @@ def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None
     has_cuda = torch.cuda.is_available() if has_cuda is None else has_cuda
     return "vllm" if has_vllm and has_cuda else "transformers"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #d32ac22a
+# %% ../../nbs/13_qlora_adapter.ipynb #c2388b55
 class QLoRAAdapter(ModelAdapter):
     "A base model + LoRA adapter behind the adapter contract, served by vLLM, transformers or a remote server"
     family = "qlora"
@@ -62,7 +62,7 @@ class QLoRAAdapter(ModelAdapter):
 
     def __repr__(self): return f"QLoRAAdapter(version={self.version!r}, engine={self.engine!r})"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #e14e3f72
+# %% ../../nbs/13_qlora_adapter.ipynb #dc943587
 def _stop_ids(model, tok)->set[int]:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -106,7 +106,7 @@ class TransformersEngine:
     def memory_mb(self)->float:
         return self.model.get_memory_footprint() / 2**20
 
-# %% ../../nbs/13_qlora_adapter.ipynb #88b7f200
+# %% ../../nbs/13_qlora_adapter.ipynb #db7fa8a2
 class TextDeltas:
     "Incremental detokenizer: feed token ids, get the new text (never half a character)"
     def __init__(self, tok): self.tok, self.ids, self.sent = tok, [], 0
@@ -117,7 +117,7 @@ class TextDeltas:
         d, self.sent = text[self.sent:], len(text)
         return d
 
-# %% ../../nbs/13_qlora_adapter.ipynb #3f56436e
+# %% ../../nbs/13_qlora_adapter.ipynb #72378cc2
 @patch
 def _load(self:QLoRAAdapter):
     if self.engine == "transformers":
@@ -157,17 +157,20 @@ async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None
                            confidence=_confidence(logprobs), ttft_ms=ttft)
         tail = fill(deltas.feed(None, final=True))
     else:
-        final = None
+        final, t0, ttft = None, time.perf_counter(), None
         async for d in self._impl.stream(prompt, self.system, max_tokens, temperature, top_p=top_p, seed=seed):
             if isinstance(d, Generation): final = d; continue
-            if d := fill(d): parts.append(d); yield d
+            if d := fill(d):
+                if ttft is None: ttft = (time.perf_counter() - t0) * 1000
+                parts.append(d); yield d
+        if final.ttft_ms is None: final.ttft_ms = ttft  # so `generate` reports the first token's time, not the last
         tail = ""
     if filler: tail += filler.flush()
     if tail: parts.append(tail); yield tail
     final.text = "".join(parts)
     yield final
 
-# %% ../../nbs/13_qlora_adapter.ipynb #7b8f3885
+# %% ../../nbs/13_qlora_adapter.ipynb #7c10f73b
 def _context(path:str, cap:int)->int|None:
     "The base's context length, capped (a 128 k context would reserve a huge KV cache); None for hub ids"
     try: n = json.loads((Path(path)/"config.json").read_text()).get("max_position_embeddings")
@@ -175,38 +178,52 @@ def _context(path:str, cap:int)->int|None:
     return min(n, cap) if n else None
 
 class VLLMEngine:
-    "In-process `vllm.LLM` with LoRA; blocking calls run in a worker thread"
+    "In-process vLLM with LoRA; each answer is the engine's step loop, run in a worker thread and streamed"
     def __init__(self, adapter:Path, base:str|None, config):
         from vllm import LLM
         from vllm.lora.request import LoRARequest
         r = json.loads((adapter/"adapter_config.json").read_text())["r"]
         path = resolve_base(base or adapter_base(adapter))
         # on the CPU build, "GPU" memory utilisation is the share of RAM reserved for the KV cache: keep it modest
-        mem = {} if torch.cuda.is_available() else dict(gpu_memory_utilization=0.1, enforce_eager=True)
+        mem = {} if torch.cuda.is_available() else dict(gpu_memory_utilization=0.1)
         self.llm = LLM(model=path, enable_lora=True, max_lora_rank=max(8, r), max_model_len=_context(path, 8192),
                        seed=0, **mem)
         self.lora = LoRARequest("bank", 1, str(adapter))
         self.tok = self.llm.get_tokenizer()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.lock = threading.Lock()
+        self.lock, self.ids = threading.Lock(), itertools.count()
 
-    def generate(self, prompt:str, system:str|None, max_tokens:int, temperature:float, top_p=None, seed=None):
+    def outputs(self, prompt:str, system:str|None, max_tokens:int, temperature:float, top_p=None, seed=None):
+        "Blocking: the request's `RequestOutput` after every engine step that advanced it, until it finishes"
         from vllm import SamplingParams
-        text = self.tok.apply_chat_template(chat_messages(prompt, system), add_generation_prompt=True, tokenize=False)
+        ids = self.tok.apply_chat_template(chat_messages(prompt, system), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
         sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed, top_p=top_p or 1.0)
-        with self.lock: out = self.llm.generate([text], sp, lora_request=self.lora, use_tqdm=False)[0]
-        o = out.outputs[0]
-        lps = [d[t].logprob for d, t in zip(o.logprobs or [], o.token_ids) if d and t in d]
-        return Generation(o.text, tokens=len(o.token_ids), prompt_tokens=len(out.prompt_token_ids),
-                          finish_reason="length" if o.finish_reason == "length" else "stop", confidence=_confidence(lps))
+        eng, done, rid = self.llm.llm_engine, False, f"bankllm-{next(self.ids)}"
+        with self.lock:
+            # outputs carry (and abort takes) our id; add_request returns vLLM's internal one, unused here
+            eng.add_request(rid, {"prompt_token_ids": list(ids)}, sp, lora_request=self.lora)
+            try:
+                while not done and eng.has_unfinished_requests():
+                    for out in eng.step():
+                        if out.request_id == rid: done = out.finished; yield out
+            finally:
+                if not done: eng.abort_request([rid])  # the consumer left early: free the engine's slot
 
     async def stream(self, prompt, system, max_tokens, temperature, top_p=None, seed=None):
-        g = await asyncio.to_thread(self.generate, prompt, system, max_tokens, temperature, top_p, seed)
-        t = g.text; g.text = ""
-        if t: yield t
-        yield g
+        sent, last = 0, None
+        steps = iterate_in_thread(lambda: self.outputs(prompt, system, max_tokens, temperature, top_p, seed))
+        async with contextlib.aclosing(steps):  # closing this stream stops the worker, which aborts the request
+            async for last in steps:
+                text = last.outputs[0].text  # everything so far, detokenized by vLLM
+                if len(text) > sent: yield text[sent:]; sent = len(text)
+        if last is None: raise AdapterError("vLLM returned no output for the request")
+        o = last.outputs[0]
+        lps = [d[t].logprob for d, t in zip(o.logprobs or [], o.token_ids) if d and t in d]
+        yield Generation("", tokens=len(o.token_ids), prompt_tokens=len(last.prompt_token_ids or []),
+                         finish_reason="length" if o.finish_reason == "length" else "stop", confidence=_confidence(lps))
 
-# %% ../../nbs/13_qlora_adapter.ipynb #2180aa62
+# %% ../../nbs/13_qlora_adapter.ipynb #8b3a585d
 class OpenAIEngine:
     "A remote OpenAI-compatible chat server (e.g. `vllm serve ... --enable-lora`), via the official async client"
     device = "remote"
@@ -275,7 +292,7 @@ def _message(e)->str:
     if isinstance(body, dict) and body.get("message"): return str(body["message"])[:500]
     return str(getattr(e, "message", e))[:500]
 
-# %% ../../nbs/13_qlora_adapter.ipynb #6593c1a7
+# %% ../../nbs/13_qlora_adapter.ipynb #4b9f69f2
 @patch
 async def _health(self:QLoRAAdapter):
     if self.engine == "openai":
@@ -298,7 +315,7 @@ async def _health(self:QLoRAAdapter):
     if not hub_id and not Path(resolve_base(base)).is_dir(): return False, f"base model {base!r} not found"
     return True, None
 
-# %% ../../nbs/13_qlora_adapter.ipynb #54a5cb69
+# %% ../../nbs/13_qlora_adapter.ipynb #9051bc90
 def _adapter_sha256(adapter)->str: return file_sha256(adapter_dir(adapter)/"adapter_model.safetensors")
 
 async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", data_dir=None, limit:int|None=None,
