@@ -70,6 +70,25 @@ async def test_generation_leaves_the_event_loop_free(tiny_ckpt):
     assert ticks > 10
 
 
+async def test_a_client_that_leaves_stops_the_generation():
+    "Closing a stream after its first delta stops the worker thread (it would otherwise run to the end), freeing the model"
+    a = CustomAdapter(fill_placeholders=False)  # the shipped model: its greedy answers run to a hundred tokens
+    await a.load()
+    q = "How do I close my savings account?"
+    whole = await a.generate(q, max_tokens=200, temperature=0)
+    assert whole.tokens > 40
+    made, real = [], a.model.stream_generate
+    def counted(*args, **kw):
+        for t in real(*args, **kw): made.append(t); yield t
+    a.model.stream_generate = counted
+    s = a.stream(q, max_tokens=200, temperature=0)
+    async for _ in s: break
+    await s.aclose()
+    assert await asyncio.to_thread(a._gen_lock.acquire, timeout=30)  # the worker let go of the model
+    a._gen_lock.release()
+    assert len(made) < whole.tokens // 2  # typically 1 or 2; the margin is for a busy machine
+
+
 def test_the_version_names_the_shipped_checkpoint_and_settings_can_override(tmp_path):
     assert CustomAdapter().checkpoint == "custom_model_built_0.0.0"
     assert CustomAdapter(config=get_config(custom_checkpoint=tmp_path)).checkpoint == tmp_path
