@@ -1,4 +1,4 @@
-"The custom adapter on a tiny locally built checkpoint: loading, health, streaming, placeholders, bad input."
+"The custom adapter on a tiny locally built checkpoint (and the shipped model where long answers are needed): loading, health, streaming, cancellation, placeholders, bad input."
 import asyncio
 
 import pytest
