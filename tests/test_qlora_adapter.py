@@ -3,12 +3,12 @@
 serving the same QLoRA model, so the remote answer must equal the local one. `vllm`: see tools/vllm_check.py
 (vLLM is not installed in the test environment; its health reason is tested here, and the engine's streaming loop
 over vLLM's `LLMEngine` calls against a stand-in for that engine)."""
-import itertools, math, sys, threading, time
+import asyncio, itertools, math, sys, threading, time
 from types import SimpleNamespace
 
 import pytest
 
-from bankllm.adapters.base import Generation, ModelUnavailableError
+from bankllm.adapters.base import BadRequestError, Generation, ModelUnavailableError
 from bankllm.adapters.qlora import QLoRAAdapter, VLLMEngine, pick_engine, vllm_installed
 from bankllm.app import create_app
 from bankllm.config import get_config
@@ -44,15 +44,20 @@ async def test_vllm_engine_without_vllm_says_how_to_get_it():
 
 
 class StepEngine:
-    "The part of vLLM's `LLMEngine` that `VLLMEngine` drives: one word per `step()`, cumulative outputs as vLLM's"
-    def __init__(self, words, delay=0.0): self.words, self.delay, self.live, self.aborted, self.prompts = words, delay, {}, [], []
+    "The part of vLLM's `LLMEngine` that `VLLMEngine` drives: one word per `step()` for every live request"
+    def __init__(self, words, delay=0.0):
+        self.words, self.delay, self.live, self.aborted, self.prompts, self.batch = words, delay, {}, [], [], []
+        self.threads = set()
     def add_request(self, request_id, prompt, params, lora_request=None):
+        if params["max_tokens"] < 1: raise ValueError("max_tokens must be at least 1")
+        self.threads.add(threading.current_thread().name)
         self.prompts.append(prompt); self.live[request_id] = 0
         return request_id + "-84fba37a"  # as vLLM 0.32: an internal id is returned; outputs and abort use the caller's
-    def has_unfinished_requests(self): return bool(self.live)
     def abort_request(self, ids): self.aborted += ids; [self.live.pop(i, None) for i in ids]
     def step(self):
-        if self.delay and any(self.live.values()): time.sleep(self.delay)  # a real step takes time; the first is quick
+        self.threads.add(threading.current_thread().name)
+        if self.delay: time.sleep(self.delay)  # a real step takes time
+        self.batch.append(len(self.live))
         outs = []
         for rid, n in list(self.live.items()):
             n = self.live[rid] = n + 1
@@ -63,33 +68,51 @@ class StepEngine:
             outs.append(SimpleNamespace(request_id=rid, finished=done, prompt_token_ids=[7, 8, 9], outputs=[o]))
         return outs
 
+WORDS = ["Your ", "card ", "is ", "on ", "its ", "way."]
+
 @pytest.fixture
 def step_engine(monkeypatch):
     "A `VLLMEngine` over `StepEngine` (vLLM itself is not installed here)"
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=lambda **kw: kw))
     e = VLLMEngine.__new__(VLLMEngine)
-    e.llm = SimpleNamespace(llm_engine=StepEngine(["Your ", "card ", "is ", "on ", "its ", "way."]))
+    e.llm = SimpleNamespace(llm_engine=StepEngine(WORDS))
     e.tok = SimpleNamespace(apply_chat_template=lambda *a, **kw: {"input_ids": [7, 8, 9]})
-    e.lora, e.device, e.lock, e.ids = None, "cpu", threading.Lock(), itertools.count()
+    e.lora, e.device, e.ids, e.inbox, e.cv, e.driver = None, "cpu", itertools.count(), [], threading.Condition(), None
     return e
 
+async def answer(engine, max_tokens=16):
+    return [d async for d in engine.stream("Where is my card?", None, max_tokens, 0.0)]
+
 async def test_vllm_engine_streams_every_step(step_engine):
-    out = [d async for d in step_engine.stream("Where is my card?", None, 16, 0.0)]
-    *deltas, final = out
-    assert deltas == ["Your ", "card ", "is ", "on ", "its ", "way."] and isinstance(final, Generation)
+    *deltas, final = await answer(step_engine)
+    assert deltas == WORDS and isinstance(final, Generation)
     assert (final.tokens, final.prompt_tokens, final.finish_reason) == (6, 3, "stop")
     assert final.confidence == pytest.approx(math.exp(-0.1))
-    assert step_engine.llm.llm_engine.prompts == [{"prompt_token_ids": [7, 8, 9]}]  # the chat template's ids
+    eng = step_engine.llm.llm_engine
+    assert eng.prompts == [{"prompt_token_ids": [7, 8, 9]}]  # the chat template's ids
+    assert eng.threads == {"vllm-driver"}  # one thread touches the engine
+
+async def test_vllm_engine_batches_concurrent_answers(step_engine):
+    step_engine.llm.llm_engine.delay = 0.05  # long enough for all four to join the first steps
+    answers = await asyncio.gather(*[answer(step_engine) for _ in range(4)])
+    assert all(a[:-1] == WORDS for a in answers)
+    assert max(step_engine.llm.llm_engine.batch) == 4  # one step advanced all four
 
 async def test_vllm_engine_aborts_a_request_whose_client_left(step_engine):
     eng = step_engine.llm.llm_engine
-    eng.delay = 0.3  # the client leaves during the second step
+    eng.delay = 0.2  # the client leaves during the second step
     s = step_engine.stream("Where is my card?", None, 16, 0.0)
     assert await anext(s) == "Your "
     await s.aclose()
-    assert eng.aborted == ["bankllm-0"] and not eng.has_unfinished_requests()
-    assert [d async for d in step_engine.stream("again", None, 16, 0.0)][-1].tokens == 6  # the engine still serves
+    for _ in range(100):  # the driver takes the abort after the step in progress
+        if eng.aborted: break
+        await asyncio.sleep(0.05)
+    assert eng.aborted == ["bankllm-0"] and not eng.live
+    assert (await answer(step_engine))[-1].tokens == 6  # the engine still serves
 
+async def test_vllm_engine_refusal_is_a_bad_request(step_engine):
+    with pytest.raises(BadRequestError, match="vLLM refused the request"): await answer(step_engine, max_tokens=0)
+    assert (await answer(step_engine))[-1].tokens == 6
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):

@@ -4,7 +4,8 @@
 
 1. In-process engine: `QLoRAAdapter(engine="vllm")` = `vllm.LLM(base, enable_lora=True)` + a `LoRARequest` for the
    shipped adapter; greedy answers compared with the transformers engine on the same full-precision base + adapter;
-   then streaming: deltas as the engine steps, their join equal to `generate`'s text, TTFT, and a client leaving early.
+   then streaming: deltas as the engine steps, their join equal to `generate`'s text, TTFT, a client leaving early,
+   and the three questions one after another against all three at once (batched by the engine's driver thread).
    If this vLLM build cannot apply LoRA, the merged model (`merge_adapter`) is served instead, and that is recorded.
 2. `--serve`: `vllm serve BASE --enable-lora --lora-modules bank=ADAPTER` as a subprocess, and the adapter's `openai`
    engine against it.
@@ -21,18 +22,26 @@ async def answers(adapter, n=60):
 
 
 async def streaming(adapter, n=60):
-    "Token-by-token streaming: the deltas, their join against `generate`, TTFT, and an early exit that aborts cleanly"
+    "Token-by-token streaming: the deltas, their join against `generate`, TTFT, an early exit that aborts cleanly, batching"
     t0, deltas, first = time.perf_counter(), [], None
     async for d in adapter.stream(QS[0], max_tokens=n, temperature=0):
         first = first or time.perf_counter() - t0
         deltas.append(d)
+    streamed = time.perf_counter() - t0
     whole = await adapter.generate(QS[0], max_tokens=n, temperature=0)
     s = adapter.stream(QS[1], max_tokens=n, temperature=0)
     async for _ in s: break  # the client goes away after the first delta
     await s.aclose()
     after = await adapter.generate(QS[1], max_tokens=n, temperature=0)  # the engine still serves, from a clean state
+    t1 = time.perf_counter()
+    one_by_one = [await adapter.generate(q, max_tokens=n, temperature=0) for q in QS]
+    t2 = time.perf_counter()
+    together = await asyncio.gather(*[adapter.generate(q, max_tokens=n, temperature=0) for q in QS])
+    t3 = time.perf_counter()
     return dict(deltas=len(deltas), joined_equals_generate="".join(deltas) == whole.text,
-                first_delta_ms=round(first * 1000, 1), total_ms=round((time.perf_counter() - t0) * 1000, 1),
+                sequential_s=round(t2 - t1, 2), concurrent_s=round(t3 - t2, 2),
+                concurrent_same_text=[a.text == b.text for a, b in zip(one_by_one, together)],
+                first_delta_ms=round(first * 1000, 1), stream_ms=round(streamed * 1000, 1),
                 generate_ttft_ms=round(whole.ttft_ms, 1), generate_latency_ms=round(whole.latency_ms, 1),
                 after_early_exit_tokens=after.tokens)
 

@@ -8,8 +8,8 @@ Docs: https://bankllm.github.io/bankllm/qlora_adapter.html.md"""
 __all__ = ['vllm_installed', 'pick_engine', 'QLoRAAdapter', 'TransformersEngine', 'TextDeltas', 'VLLMEngine', 'OpenAIEngine',
            'evaluate_adapter', 'stored_adapter_quality']
 
-# %% ../../nbs/13_qlora_adapter.ipynb #a37624f1
-import asyncio, contextlib, importlib.util, inspect, itertools, json, math, re, threading, time
+# %% ../../nbs/13_qlora_adapter.ipynb #b7cb315a
+import asyncio, importlib.util, inspect, itertools, json, math, re, threading, time
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +24,7 @@ from ..evaluation import default_classifier, evaluate, load_quality, quality_tab
 from ..qlora import adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
 from ..transformer import _next_token
 
-# %% ../../nbs/13_qlora_adapter.ipynb #78fe5431
+# %% ../../nbs/13_qlora_adapter.ipynb #96599eac
 def vllm_installed()->bool: return importlib.util.find_spec("vllm") is not None
 
 def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None=None, has_cuda:bool|None=None)->str:
@@ -35,7 +35,7 @@ def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None
     has_cuda = torch.cuda.is_available() if has_cuda is None else has_cuda
     return "vllm" if has_vllm and has_cuda else "transformers"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #c2388b55
+# %% ../../nbs/13_qlora_adapter.ipynb #52bebb38
 class QLoRAAdapter(ModelAdapter):
     "A base model + LoRA adapter behind the adapter contract, served by vLLM, transformers or a remote server"
     family = "qlora"
@@ -62,7 +62,7 @@ class QLoRAAdapter(ModelAdapter):
 
     def __repr__(self): return f"QLoRAAdapter(version={self.version!r}, engine={self.engine!r})"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #dc943587
+# %% ../../nbs/13_qlora_adapter.ipynb #4fcf20f6
 def _stop_ids(model, tok)->set[int]:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -106,7 +106,7 @@ class TransformersEngine:
     def memory_mb(self)->float:
         return self.model.get_memory_footprint() / 2**20
 
-# %% ../../nbs/13_qlora_adapter.ipynb #db7fa8a2
+# %% ../../nbs/13_qlora_adapter.ipynb #a9501b48
 class TextDeltas:
     "Incremental detokenizer: feed token ids, get the new text (never half a character)"
     def __init__(self, tok): self.tok, self.ids, self.sent = tok, [], 0
@@ -117,7 +117,7 @@ class TextDeltas:
         d, self.sent = text[self.sent:], len(text)
         return d
 
-# %% ../../nbs/13_qlora_adapter.ipynb #72378cc2
+# %% ../../nbs/13_qlora_adapter.ipynb #a85f0239
 @patch
 def _load(self:QLoRAAdapter):
     if self.engine == "transformers":
@@ -170,7 +170,7 @@ async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None
     final.text = "".join(parts)
     yield final
 
-# %% ../../nbs/13_qlora_adapter.ipynb #7c10f73b
+# %% ../../nbs/13_qlora_adapter.ipynb #19dc2c06
 def _context(path:str, cap:int)->int|None:
     "The base's context length, capped (a 128 k context would reserve a huge KV cache); None for hub ids"
     try: n = json.loads((Path(path)/"config.json").read_text()).get("max_position_embeddings")
@@ -178,7 +178,7 @@ def _context(path:str, cap:int)->int|None:
     return min(n, cap) if n else None
 
 class VLLMEngine:
-    "In-process vLLM with LoRA; each answer is the engine's step loop, run in a worker thread and streamed"
+    "In-process vLLM with LoRA: one driver thread steps the engine for every answer in flight, so they are batched"
     def __init__(self, adapter:Path, base:str|None, config):
         from vllm import LLM
         from vllm.lora.request import LoRARequest
@@ -191,39 +191,70 @@ class VLLMEngine:
         self.lora = LoRARequest("bank", 1, str(adapter))
         self.tok = self.llm.get_tokenizer()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.lock, self.ids = threading.Lock(), itertools.count()
+        self.ids, self.inbox, self.cv, self.driver = itertools.count(), [], threading.Condition(), None
 
-    def outputs(self, prompt:str, system:str|None, max_tokens:int, temperature:float, top_p=None, seed=None):
-        "Blocking: the request's `RequestOutput` after every engine step that advanced it, until it finishes"
+    def _send(self, msg:tuple):
+        "Give the driver an `('add', id, prompt, params, put)` or `('abort', id)`; start the driver on first use"
+        with self.cv:
+            self.inbox.append(msg)
+            if self.driver is None:
+                self.driver = threading.Thread(target=self._drive, name="vllm-driver", daemon=True)
+                self.driver.start()
+            self.cv.notify()
+
+    def _drive(self):
+        "The only thread that touches the engine: take in new requests and aborts, then one step for all live ones"
+        eng, live = self.llm.llm_engine, {}  # request id -> put(output or exception) into its consumer's queue
+        while True:
+            with self.cv:
+                while not self.inbox and not live: self.cv.wait()
+                inbox, self.inbox = self.inbox, []
+            for msg in inbox:
+                if msg[0] == "abort":
+                    if live.pop(msg[1], None): eng.abort_request([msg[1]])  # the consumer left early
+                    continue
+                _, rid, prompt, params, put = msg
+                try: eng.add_request(rid, prompt, params, lora_request=self.lora)  # returns vLLM's internal id: unused
+                except ValueError as e: put(BadRequestError(f"vLLM refused the request: {e}")); continue
+                except Exception as e: put(e); continue
+                live[rid] = put
+            if not live: continue
+            try: outs = eng.step()  # one token more for every live request, batched
+            except Exception as e:
+                for put in live.values(): put(AdapterError(f"vLLM engine step failed: {type(e).__name__}: {e}"))
+                live.clear(); continue
+            for out in outs:
+                put = live.get(out.request_id)
+                if put is None: continue
+                if out.finished: del live[out.request_id]
+                if not put(out) and not out.finished:  # its event loop is gone
+                    del live[out.request_id]; eng.abort_request([out.request_id])
+
+    async def stream(self, prompt, system, max_tokens, temperature, top_p=None, seed=None):
         from vllm import SamplingParams
         ids = self.tok.apply_chat_template(chat_messages(prompt, system), add_generation_prompt=True, tokenize=True,
                                            return_dict=True)["input_ids"]
         sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed, top_p=top_p or 1.0)
-        eng, done, rid = self.llm.llm_engine, False, f"bankllm-{next(self.ids)}"
-        with self.lock:
-            # outputs carry (and abort takes) our id; add_request returns vLLM's internal one, unused here
-            eng.add_request(rid, {"prompt_token_ids": list(ids)}, sp, lora_request=self.lora)
-            try:
-                while not done and eng.has_unfinished_requests():
-                    for out in eng.step():
-                        if out.request_id == rid: done = out.finished; yield out
-            finally:
-                if not done: eng.abort_request([rid])  # the consumer left early: free the engine's slot
-
-    async def stream(self, prompt, system, max_tokens, temperature, top_p=None, seed=None):
+        loop, q, rid = asyncio.get_running_loop(), asyncio.Queue(), f"bankllm-{next(self.ids)}"
+        def put(x)->bool:
+            try: loop.call_soon_threadsafe(q.put_nowait, x); return True
+            except RuntimeError: return False  # the loop has closed
+        self._send(("add", rid, {"prompt_token_ids": list(ids)}, sp, put))
         sent, last = 0, None
-        steps = iterate_in_thread(lambda: self.outputs(prompt, system, max_tokens, temperature, top_p, seed))
-        async with contextlib.aclosing(steps):  # closing this stream stops the worker, which aborts the request
-            async for last in steps:
+        try:
+            while last is None or not last.finished:
+                last = await q.get()
+                if isinstance(last, BaseException): raise last
                 text = last.outputs[0].text  # everything so far, detokenized by vLLM
                 if len(text) > sent: yield text[sent:]; sent = len(text)
-        if last is None: raise AdapterError("vLLM returned no output for the request")
+        finally:
+            if not isinstance(last, BaseException) and (last is None or not last.finished): self._send(("abort", rid))
         o = last.outputs[0]
         lps = [d[t].logprob for d, t in zip(o.logprobs or [], o.token_ids) if d and t in d]
         yield Generation("", tokens=len(o.token_ids), prompt_tokens=len(last.prompt_token_ids or []),
                          finish_reason="length" if o.finish_reason == "length" else "stop", confidence=_confidence(lps))
 
-# %% ../../nbs/13_qlora_adapter.ipynb #8b3a585d
+# %% ../../nbs/13_qlora_adapter.ipynb #7970d5db
 class OpenAIEngine:
     "A remote OpenAI-compatible chat server (e.g. `vllm serve ... --enable-lora`), via the official async client"
     device = "remote"
@@ -292,7 +323,7 @@ def _message(e)->str:
     if isinstance(body, dict) and body.get("message"): return str(body["message"])[:500]
     return str(getattr(e, "message", e))[:500]
 
-# %% ../../nbs/13_qlora_adapter.ipynb #4b9f69f2
+# %% ../../nbs/13_qlora_adapter.ipynb #5d89a3ff
 @patch
 async def _health(self:QLoRAAdapter):
     if self.engine == "openai":
@@ -315,7 +346,7 @@ async def _health(self:QLoRAAdapter):
     if not hub_id and not Path(resolve_base(base)).is_dir(): return False, f"base model {base!r} not found"
     return True, None
 
-# %% ../../nbs/13_qlora_adapter.ipynb #9051bc90
+# %% ../../nbs/13_qlora_adapter.ipynb #fe217397
 def _adapter_sha256(adapter)->str: return file_sha256(adapter_dir(adapter)/"adapter_model.safetensors")
 
 async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", data_dir=None, limit:int|None=None,
