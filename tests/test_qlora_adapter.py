@@ -110,6 +110,20 @@ async def test_vllm_engine_aborts_a_request_whose_client_left(step_engine):
     assert eng.aborted == ["bankllm-0"] and not eng.live
     assert (await answer(step_engine))[-1].tokens == 6  # the engine still serves
 
+async def test_vllm_engine_survives_an_abort_that_fails(step_engine, caplog):
+    eng = step_engine.llm.llm_engine
+    eng.delay = 0.2
+    def broken(ids): raise RuntimeError("engine core went away")
+    eng.abort_request = broken
+    s = step_engine.stream("Where is my card?", None, 16, 0.0)
+    await anext(s); await s.aclose()
+    for _ in range(100):
+        if "could not abort" in caplog.text: break
+        await asyncio.sleep(0.05)
+    assert "could not abort request bankllm-0: RuntimeError" in caplog.text
+    eng.delay = 0.0
+    assert (await answer(step_engine))[-1].tokens == 6  # the driver thread lives on
+
 async def test_vllm_engine_refusal_is_a_bad_request(step_engine):
     with pytest.raises(BadRequestError, match="vLLM refused the request"): await answer(step_engine, max_tokens=0)
     assert (await answer(step_engine))[-1].tokens == 6
