@@ -9,7 +9,7 @@ __all__ = ['ModelConfig', 'RMSNorm', 'rope_tables', 'rotate_half', 'apply_rope',
            'BankingLLM', 'filter_logits', 'KVCache', 'DecodeWeights', 'Generated', 'llama_config_dict', 'hf_state_dict',
            'count_params', 'model_memory_mb', 'kv_cache_benchmark']
 
-# %% ../nbs/03_transformer.ipynb #e54cfcb7
+# %% ../nbs/03_transformer.ipynb #09073be6
 import math, time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-# %% ../nbs/03_transformer.ipynb #8303b532
+# %% ../nbs/03_transformer.ipynb #b6d24427
 @dataclass
 class ModelConfig:
     "Shape of a `BankingLLM`; plain data, saved with every checkpoint"
@@ -62,7 +62,7 @@ class ModelConfig:
         if unknown: raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
 
-# %% ../nbs/03_transformer.ipynb #306ebd0f
+# %% ../nbs/03_transformer.ipynb #4058f8a9
 class RMSNorm(nn.Module):
     "Root-mean-square normalisation with a learned gain (no bias, no mean subtraction)"
     def __init__(self, dim:int, eps:float=1e-5):
@@ -75,7 +75,7 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-# %% ../nbs/03_transformer.ipynb #f9c9203a
+# %% ../nbs/03_transformer.ipynb #f0ca774e
 def rope_tables(head_dim:int,          # channels per head (even)
                 n_pos:int,             # positions to precompute, normally block_size
                 theta:float=10000.0,   # RoPE base
@@ -99,7 +99,7 @@ def apply_rope(x:torch.Tensor,    # (..., T, hd) queries or keys
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
-# %% ../nbs/03_transformer.ipynb #5744de1c
+# %% ../nbs/03_transformer.ipynb #6f32de3c
 class CausalSelfAttention(nn.Module):
     "Multi-head (or grouped-query) causal self-attention with rotary positions"
     def __init__(self, cfg:ModelConfig, layer_idx:int=0):
@@ -126,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.o_proj(y))
 
-# %% ../nbs/03_transformer.ipynb #04de5dd7
+# %% ../nbs/03_transformer.ipynb #4596c005
 class SwiGLU(nn.Module):
     "Llama's gated feed-forward: down(silu(gate(x)) * up(x))"
     def __init__(self, cfg:ModelConfig):
@@ -139,7 +139,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):  # (B, T, C)
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
-# %% ../nbs/03_transformer.ipynb #5073c6c4
+# %% ../nbs/03_transformer.ipynb #55aa91cf
 class Block(nn.Module):
     "Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))"
     def __init__(self, cfg:ModelConfig, layer_idx:int=0):
@@ -153,7 +153,7 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-# %% ../nbs/03_transformer.ipynb #03b9b29e
+# %% ../nbs/03_transformer.ipynb #332af3dd
 class BankingLLM(nn.Module):
     "A Llama-style decoder-only language model; submodules are named as in Hugging Face `LlamaForCausalLM`"
     def __init__(self, cfg:ModelConfig):
@@ -174,7 +174,7 @@ class BankingLLM(nn.Module):
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, 0.0, 0.02)
 
-# %% ../nbs/03_transformer.ipynb #96f5ce5f
+# %% ../nbs/03_transformer.ipynb #64c2161d
 def _attn_mask(T:int, past:int, device)->torch.Tensor|None:
     "Boolean (T, past+T) mask for T new queries after `past` cached keys; None where `is_causal` (or nothing) is right"
     if T == 1 or past == 0: return None
@@ -201,7 +201,7 @@ def forward(self:BankingLLM,
     if targets is None: return logits, None
     return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
 
-# %% ../nbs/03_transformer.ipynb #4d55b559
+# %% ../nbs/03_transformer.ipynb #59dffe4d
 def filter_logits(logits:torch.Tensor,     # (..., V)
                   top_k:int|None=None,     # keep the k highest logits
                   top_p:float|None=None,   # keep the smallest set with cumulative probability >= top_p
@@ -217,7 +217,7 @@ def filter_logits(logits:torch.Tensor,     # (..., V)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
-# %% ../nbs/03_transformer.ipynb #7308b8f9
+# %% ../nbs/03_transformer.ipynb #c2f8c811
 def _next_token(logits:torch.Tensor, temperature:float, top_k, top_p, generator)->tuple[int, float]:
     "Pick a token from (V,) logits; return it with its raw log-probability"
     if temperature == 0: tok = int(logits.argmax())
@@ -226,7 +226,7 @@ def _next_token(logits:torch.Tensor, temperature:float, top_k, top_p, generator)
         tok = int(torch.multinomial(probs, 1, generator=generator))
     return tok, float(F.log_softmax(logits, dim=-1)[tok])
 
-# %% ../nbs/03_transformer.ipynb #b3c7d3dd
+# %% ../nbs/03_transformer.ipynb #893d08ac
 class KVCache:
     "Pre-allocated keys and values for every layer, (B, n_kv_head, block_size, head_dim) each, filled by position"
     def __init__(self, n_layer:int, batch_size:int, n_kv_head:int, block_size:int, head_dim:int,
@@ -250,7 +250,7 @@ class KVCache:
     def memory_mb(self)->float:
         return sum(t.numel() * t.element_size() for t in self.k + self.v) / 2**20
 
-# %% ../nbs/03_transformer.ipynb #0a91485c
+# %% ../nbs/03_transformer.ipynb #be293636
 @patch
 def new_cache(self:BankingLLM,
               batch_size:int=1,
@@ -263,7 +263,7 @@ def new_cache(self:BankingLLM,
     return KVCache(c.n_layer, batch_size, c.n_kv_head, c.block_size, c.head_dim,
                    device=device or p.device, dtype=dtype or p.dtype)
 
-# %% ../nbs/03_transformer.ipynb #fee9dacb
+# %% ../nbs/03_transformer.ipynb #3769fd36
 @dataclass
 class DecodeWeights:
     "Inference-only copies of a model's weights, laid out for one-token decode steps (see `BankingLLM.decode_weights`)"
@@ -282,7 +282,7 @@ def _params_key(model:nn.Module)->tuple:
     "Changes whenever a parameter is replaced, moved or modified in place"
     return tuple((p.data_ptr(), p.dtype, -1 if p.is_inference() else p._version) for p in model.parameters())
 
-# %% ../nbs/03_transformer.ipynb #fb77dc07
+# %% ../nbs/03_transformer.ipynb #c36e9b2a
 @patch
 @torch.no_grad()
 def decode_weights(self:BankingLLM)->DecodeWeights:
@@ -292,8 +292,8 @@ def decode_weights(self:BankingLLM)->DecodeWeights:
     if dw is not None and dw.key == key: return dw
     c = self.config
     root_c = math.sqrt(c.n_embd)  # rms(x) @ W == (x @ (√C·W)) * rsqrt(x·x + C·eps)
-    w = self.lm_head.weight
-    q_scale = torch.ones(c.n_head * c.head_dim + 2 * c.n_kv_head * c.head_dim, device=w.device, dtype=w.dtype)
+    head = self.lm_head.weight
+    q_scale = torch.ones(c.n_head * c.head_dim + 2 * c.n_kv_head * c.head_dim, device=head.device, dtype=head.dtype)
     q_scale[:c.n_head * c.head_dim] = c.head_dim ** -0.5  # attention's scale, on the query columns only
     layers = []
     for b in self.layers:
@@ -303,13 +303,13 @@ def decode_weights(self:BankingLLM)->DecodeWeights:
         layers.append(tuple(w.t().contiguous() for w in (qkv, a.o_proj.weight, gate_up, f.down_proj.weight)))
     h = c.head_dim // 2
     sin = torch.cat((-self.rope_sin[:, :h], self.rope_sin[:, h:]), dim=-1)
-    dw = DecodeWeights(layers, (w * (self.norm.weight * root_c)).t().contiguous(),
-                       torch.full((1, 1), c.n_embd * c.norm_eps, device=w.device),
-                       self.rope_cos.to(w.dtype), sin.to(w.dtype), key)
+    dw = DecodeWeights(layers, (head * (self.norm.weight * root_c)).t().contiguous(),
+                       torch.full((1, 1), c.n_embd * c.norm_eps, device=head.device),
+                       self.rope_cos.to(head.dtype), sin.to(head.dtype), key)
     self._decode_weights = dw  # a plain attribute: not a parameter or buffer, never saved
     return dw
 
-# %% ../nbs/03_transformer.ipynb #61a30195
+# %% ../nbs/03_transformer.ipynb #a5e57dea
 def _inv_rms(x:torch.Tensor,      # (1, C) one row of the residual stream
              c_eps:torch.Tensor,  # (1, 1) float32: C * eps
             )->torch.Tensor:     # (1, 1) in x's dtype
@@ -349,7 +349,7 @@ def decode_step(self:BankingLLM,
     cache.length = pos + 1
     return (x @ dw.head).mul_(_inv_rms(x, dw.c_eps)).view(-1).float()  # (V,) (.float() is free for a float32 model)
 
-# %% ../nbs/03_transformer.ipynb #95d5fa39
+# %% ../nbs/03_transformer.ipynb #c08c08ca
 @patch
 @torch.inference_mode()
 def stream_generate(self:BankingLLM,
@@ -389,7 +389,7 @@ def stream_generate(self:BankingLLM,
         n += 1
         if not use_cache: ids = torch.cat((ids, torch.tensor([[tok]], device=dev)), dim=1)
 
-# %% ../nbs/03_transformer.ipynb #b41215d6
+# %% ../nbs/03_transformer.ipynb #21d9bf45
 @dataclass
 class Generated:
     "The result of `BankingLLM.generate`"
@@ -412,7 +412,7 @@ def generate(self:BankingLLM, idx:list[int]|torch.Tensor, max_new_tokens:int, te
     if out and out[-1][0] in stops: return Generated([t for t, _ in out[:-1]], [lp for _, lp in out[:-1]], "stop")
     return Generated([t for t, _ in out], [lp for _, lp in out], "length")
 
-# %% ../nbs/03_transformer.ipynb #d44fe5f3
+# %% ../nbs/03_transformer.ipynb #44954094
 def llama_config_dict(cfg:ModelConfig, **extra)->dict:
     "The Hugging Face `LlamaConfig` fields (as in `config.json`) equivalent to `cfg`; `extra` adds or overrides"
     return dict(architectures=["LlamaForCausalLM"], model_type="llama",
@@ -434,7 +434,7 @@ def hf_state_dict(model:BankingLLM)->dict[str, torch.Tensor]:
     if model.config.tie_embeddings: sd.pop("lm_head.weight")
     return {_hf_name(k): v for k, v in sd.items()}
 
-# %% ../nbs/03_transformer.ipynb #e1219247
+# %% ../nbs/03_transformer.ipynb #c12362f4
 def count_params(model:nn.Module)->int:
     "Number of parameters, shared (tied) tensors counted once"
     return sum(p.numel() for p in model.parameters())
@@ -445,7 +445,7 @@ def model_memory_mb(model:nn.Module)->float:
     dw = getattr(model, "_decode_weights", None)
     return sum(t.numel() * t.element_size() for t in ts) / 2**20 + (dw.memory_mb() if dw is not None else 0.0)
 
-# %% ../nbs/03_transformer.ipynb #a510dc98
+# %% ../nbs/03_transformer.ipynb #b8a16d0b
 def kv_cache_benchmark(model:BankingLLM,
                        prompt:list[int],        # prompt token ids
                        new_tokens:int=256,      # tokens to generate (no stop ids: always exactly this many)
