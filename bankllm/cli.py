@@ -7,10 +7,10 @@ Docs: https://bankllm.github.io/bankllm/cli.html.md"""
 # %% auto #0
 __all__ = ['EXAMPLES', 'KV_QUESTION', 'COMMANDS', 'build_parser', 'cmd_chat', 'cmd_serve', 'cmd_bench', 'cmd_train', 'main']
 
-# %% ../nbs/40_cli.ipynb #24f645a9
+# %% ../nbs/40_cli.ipynb #735ffedd
 import argparse, asyncio, sys, threading
 
-# %% ../nbs/40_cli.ipynb #17b7b002
+# %% ../nbs/40_cli.ipynb #30db7389
 def _run(coro_fn):
     "Run `coro_fn()` to completion, with or without an event loop already running in this thread"
     try: asyncio.get_running_loop()
@@ -23,7 +23,7 @@ def _run(coro_fn):
     if "error" in out: raise out["error"]
     return out.get("value")
 
-# %% ../nbs/40_cli.ipynb #dd3cc2b8
+# %% ../nbs/40_cli.ipynb #08e4ef7e
 EXAMPLES = """\
 examples:
   bankllm chat "What are the ATM fees?"                 # the shipped from-scratch model, on CPU
@@ -97,7 +97,7 @@ def build_parser()->argparse.ArgumentParser:
     _env(t)
     return p
 
-# %% ../nbs/40_cli.ipynb #4195c095
+# %% ../nbs/40_cli.ipynb #9cff39ab
 def _config(a, **overrides):
     from bankllm.config import get_config
     return get_config(a.env_file, **overrides)
@@ -131,7 +131,7 @@ def cmd_chat(a)->int:
     print(f"[{r.model_version} on {r.device}: {r.tokens} tokens, {r.latency_ms:.0f} ms, finish={r.finish_reason}]", file=sys.stderr)
     return 0
 
-# %% ../nbs/40_cli.ipynb #3d1b0316
+# %% ../nbs/40_cli.ipynb #a4d1c6ad
 def cmd_serve(a)->int:
     "bankllm serve"
     import uvicorn
@@ -156,7 +156,9 @@ def _kv_bench(a)->int:
     ckpt = _config(a).custom_checkpoint or "custom_model_built_0.0.0"
     model, tok = load_checkpoint(ckpt)
     prompt = tok.encode(format_prompt(KV_QUESTION))
-    df = kv_cache_benchmark(model, prompt, new_tokens=min(n, model.config.block_size - len(prompt)), runs=a.runs)
+    room = model.config.block_size - len(prompt)
+    if room < 1: return _err(f"{ckpt}: the {len(prompt)}-token question does not fit its context of {model.config.block_size}", 1)
+    df = kv_cache_benchmark(model, prompt, new_tokens=min(n, room), runs=a.runs)
     print(df.to_string(index=False))
     print(f"\n{ckpt}: {df.attrs['params']:,} parameters, a {len(prompt)}-token prompt, {df.attrs['threads']} thread(s), "
           f"torch {df.attrs['torch']}; identical greedy tokens in both modes")
@@ -190,7 +192,7 @@ def cmd_train(a)->int:
     print(f"saved to {a.out}: use it with BANKLLM_CUSTOM_CHECKPOINT={a.out}")
     return 0
 
-# %% ../nbs/40_cli.ipynb #455ca850
+# %% ../nbs/40_cli.ipynb #48f1b5d0
 COMMANDS = {"chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench, "train": cmd_train}
 
 def main(argv:list[str]|None=None, # arguments (default: `sys.argv[1:]`)

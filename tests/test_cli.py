@@ -79,6 +79,17 @@ def test_bench_kv_cache_on_the_configured_checkpoint(tmp_path, capsys, monkeypat
     assert rec["rows"][0]["new_tokens"] == rec["rows"][1]["new_tokens"] == 64 - rec["prompt_tokens"]
     assert rec["params"] == sum(p.numel() for p in BankingLLM(ModelConfig.tiny(vocab_size=tok.vocab_size)).parameters())
 
+def test_bench_kv_cache_context_too_small_is_a_message(tmp_path, capsys, monkeypatch):
+    from bankllm.tokenizer import BPETokenizer
+    from bankllm.training import save_checkpoint
+    from bankllm.transformer import BankingLLM, ModelConfig
+    tok = BPETokenizer.train(["How do I dispute an ATM withdrawal?"] * 5, vocab_size=300)
+    ckpt = save_checkpoint(BankingLLM(ModelConfig.tiny(vocab_size=tok.vocab_size, block_size=8)), tok, tmp_path/"short")
+    monkeypatch.setenv("BANKLLM_CUSTOM_CHECKPOINT", str(ckpt))
+    assert main(["bench", "--kv-cache", "--out", str(tmp_path/"out")]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit its context of 8" in err and "Traceback" not in err
+
 def test_bench_kv_cache_rejects_zero_runs(capsys):
     assert main(["bench", "--kv-cache", "--runs", "0"]) == 2 and "at least 1" in capsys.readouterr().err
 
