@@ -8,10 +8,10 @@ Docs: https://bankllm.github.io/bankllm/evaluation.html.md"""
 __all__ = ['WORD_RE', 'GENERIC_ANSWER', 'lcs_length', 'word_tokens', 'rouge_l', 'tfidf_terms', 'SparseRows', 'Tfidf',
            'IntentClassifier', 'default_classifier', 'topic_accuracy', 'EvalReport', 'score_answers', 'evaluate',
            'reference_baseline', 'constant_baseline', 'truncate_words', 'Retriever', 'retrieval_baseline',
-           'quality_table', 'save_quality', 'load_quality', 'RetrievalAdapter', 'top_confusions']
+           'quality_table', 'save_quality', 'run_facts', 'load_quality', 'RetrievalAdapter', 'top_confusions']
 
 # %% ../nbs/05_evaluation.ipynb #58132527
-import asyncio, json, re
+import asyncio, json, re, time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,6 +364,17 @@ def save_quality(table:pd.DataFrame, path:str|Path, **attrs)->Path:
     "Write a quality table with its `attrs` and `attrs` (e.g. the hash of the weights measured) as JSON"
     Path(path).write_text(json.dumps(dict(table=table.to_dict("records"), **table.attrs, **attrs), indent=2))
     return Path(path)
+
+def run_facts(adapter:ModelAdapter, # the adapter that was just evaluated
+              n:int,               # questions asked
+              seconds:float,       # how long the evaluation took
+              **extra,             # more facts, e.g. `threads=4`
+             )->dict:
+    "What a stored quality table records about its run: size, time, speed, median latency, device, date"
+    m = adapter.get_metrics()
+    return dict(n=n, seconds=round(seconds, 1), tokens_per_s=round(m["tokens_per_s"], 1),
+                latency_p50_ms=round(m["latency_p50_ms"], 1), device=adapter.device, **extra,
+                measured=time.strftime("%Y-%m-%d", time.gmtime()))
 
 def load_quality(path:str|Path, **expect)->pd.DataFrame:
     "A table written by `save_quality`; `ValueError` when a stored value differs from `expect` (the weights changed)"

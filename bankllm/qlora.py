@@ -26,7 +26,8 @@ from transformers.utils import logging as hf_logging
 
 from .config import get_config
 from .data import bitext_pairs, chat_messages, file_sha256
-from .training import _hardware, checkpoints_dir, export_hf, load_checkpoint, lr_at, pick_device, stratified_head
+from .training import (_hardware, checkpoints_dir, export_hf, load_checkpoint, lr_at, pick_device, shipped_folder,
+                              stratified_head)
 
 # %% ../nbs/12_qlora.ipynb #4fe49564
 def _is_custom_checkpoint(d:Path)->bool:
@@ -273,11 +274,7 @@ def finetune_qlora(base:str|Path,                 # hub id, Hugging Face folder 
 # %% ../nbs/12_qlora.ipynb #3458f921
 def adapter_dir(name_or_path:str|Path)->Path:
     "The folder of an adapter given as a path or as the name of a shipped one"
-    for d in (Path(name_or_path).expanduser(), checkpoints_dir()/str(name_or_path)):
-        if (d/"adapter_config.json").is_file(): return d
-    shipped = sorted(d.name for d in checkpoints_dir().glob("*") if (d/"adapter_config.json").is_file())
-    raise FileNotFoundError(f"no LoRA adapter at {name_or_path!r}: give a folder holding adapter_config.json, "
-                            f"or one of the shipped adapters: {', '.join(shipped) or 'none'}")
+    return shipped_folder(name_or_path, "adapter_config.json", "LoRA adapter")
 
 def adapter_record(name_or_path:str|Path)->dict:
     "The adapter's `training.json` (empty when it has none, e.g. one trained elsewhere)"

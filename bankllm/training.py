@@ -8,8 +8,8 @@ Docs: https://bankllm.github.io/bankllm/training.html.md"""
 __all__ = ['CHAT_TEMPLATE', 'SHIPPED_MODEL_CONFIG', 'SHIPPED_TRAIN_CONFIG', 'Example', 'make_examples', 'collate',
            'length_batches', 'TrainConfig', 'lr_at', 'max_answer_at', 'pick_device', 'answer_text', 'stratified_head',
            'dev_loss', 'quick_topic_accuracy', 'TrainResult', 'select_best', 'train', 'plot_history', 'checkpoints_dir',
-           'save_checkpoint', 'resolve_checkpoint', 'load_checkpoint', 'training_record', 'hf_tokenizer', 'export_hf',
-           'train_custom_model']
+           'save_checkpoint', 'shipped_folder', 'resolve_checkpoint', 'load_checkpoint', 'training_record',
+           'hf_tokenizer', 'export_hf', 'train_custom_model']
 
 # %% ../nbs/04_training.ipynb #68e11aea
 import json, math, os, platform, random, time
@@ -250,13 +250,20 @@ def save_checkpoint(model:BankingLLM, tok:BPETokenizer, out_dir:str|Path, record
     if record is not None: (out/"training.json").write_text(json.dumps(record, indent=2, default=str))
     return out
 
+def shipped_folder(name_or_path:str|Path, # a folder, or the name of one shipped in the package
+                   marker:str,             # the file that makes a folder the right kind, e.g. "model.safetensors"
+                   what:str,               # for the error: "checkpoint", "LoRA adapter"
+                  )->Path:
+    "The folder holding `marker` that `name_or_path` names: a path first, then a folder shipped in the package"
+    for d in (Path(name_or_path).expanduser(), checkpoints_dir()/str(name_or_path)):
+        if (d/marker).is_file(): return d
+    shipped = sorted(d.name for d in checkpoints_dir().glob("*") if (d/marker).is_file())
+    raise FileNotFoundError(f"no {what} at {name_or_path!r}: give a folder holding {marker}, "
+                            f"or one of the shipped {what}s: {', '.join(shipped) or 'none'}")
+
 def resolve_checkpoint(name_or_path:str|Path)->Path:
     "The folder of a checkpoint given as a path or as the name of a shipped checkpoint"
-    for d in (Path(name_or_path).expanduser(), checkpoints_dir()/str(name_or_path)):
-        if (d/"model.safetensors").is_file(): return d
-    shipped = sorted(d.name for d in checkpoints_dir().glob("*") if (d/"model.safetensors").is_file())
-    raise FileNotFoundError(f"no checkpoint at {name_or_path!r}: give a folder holding model.safetensors, "
-                            f"or one of the shipped checkpoints: {', '.join(shipped) or 'none'}")
+    return shipped_folder(name_or_path, "model.safetensors", "checkpoint")
 
 def load_checkpoint(name_or_path:str|Path="custom_model_built_0.0.0", # folder, or a shipped checkpoint's name
                     device:str|torch.device="cpu",

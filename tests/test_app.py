@@ -7,23 +7,14 @@ import pytest
 
 from bankllm.adapters.base import EchoAdapter, Generation, ModelUnavailableError, RateLimitedError
 from bankllm.app import MAX_BODY_BYTES, create_app, mask_sensitive, prometheus_text
-from bankllm.benchmark import BenchmarkSuite
 from bankllm.config import get_config
 from bankllm.factory import ModelFactory
 from bankllm.pipeline import BankingLLMPipeline
+from conftest import FAST, BrokenEcho, NoLoadEcho
 
 ADMIN = "adm-7f3c9e1d2b4a-token"
 GEMINI_KEY = "AIzaFAKE-key-0123456789abcdef"
-FAST = BenchmarkSuite(n_dev=0, warmup=0, max_tokens=8)
 USER = [{"role": "user", "content": "What are the ATM fees?"}]
-
-class BrokenEcho(EchoAdapter):
-    "Fails its health check: the backend is down"
-    def __init__(self, version=None, config=None): super().__init__(version, config, fail_with=ConnectionError("backend down"))
-
-class NoLoadEcho(EchoAdapter):
-    "Healthy until it loads its weights"
-    def _load(self): raise OSError("weights missing")
 
 class MidStreamFail(EchoAdapter):
     "Streams one delta, then the backend fails"

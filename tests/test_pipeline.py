@@ -8,16 +8,8 @@ from bankllm.benchmark import BenchmarkSuite, read_jsonl
 from bankllm.config import get_config
 from bankllm.factory import ModelFactory
 from bankllm.pipeline import BankingLLMPipeline, PipelineResult, PipelineStream
+from conftest import FAST, BrokenEcho, NoLoadEcho
 
-FAST = BenchmarkSuite(n_dev=0, warmup=0, max_tokens=8)  # rounds without data or classifier: quick and deterministic
-
-class BrokenEcho(EchoAdapter):
-    "Backend down: fails its health check"
-    def __init__(self, version=None, config=None): super().__init__(version, config, fail_with=ConnectionError("backend down"))
-
-class NoLoadEcho(EchoAdapter):
-    "Healthy until it tries to load its weights"
-    def _load(self): raise OSError("weights missing")
 
 class FlakyEcho(EchoAdapter):
     "Healthy, but every other request fails"

@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .base import BadRequestError, Generation, ModelAdapter, iterate_in_thread
 from ..data import PlaceholderFiller, bitext_pairs, file_sha256, format_prompt
 from ..evaluation import (constant_baseline, default_classifier, evaluate, load_quality, quality_table,
-                                reference_baseline, retrieval_baseline, save_quality)
+                                reference_baseline, retrieval_baseline, run_facts, save_quality)
 from ..training import load_checkpoint, pick_device, resolve_checkpoint
 from ..transformer import model_memory_mb
 
@@ -100,11 +100,7 @@ async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.0.0", # shipp
     secs = time.perf_counter() - t0
     table = quality_table([model, reference_baseline(dev, clf), retrieval_baseline(bitext_pairs("train", data_dir), dev, clf),
                            constant_baseline(dev, clf)])
-    m = adapter.get_metrics()
-    table.attrs.update(n=len(dev), seconds=round(secs, 1),
-                       tokens_per_s=round(m["tokens_per_s"], 1), latency_p50_ms=round(m["latency_p50_ms"], 1),
-                       device=adapter.device, threads=torch.get_num_threads(),
-                       measured=time.strftime("%Y-%m-%d", time.gmtime()))
+    table.attrs.update(run_facts(adapter, len(dev), secs, threads=torch.get_num_threads()))
     if save and not limit:
         save_quality(table, resolve_checkpoint(checkpoint)/"dev_quality.json", weights_sha256=_weights_sha256(checkpoint))
     return table

@@ -20,7 +20,7 @@ from .base import (AdapterError, AdapterTimeoutError, BadRequestError, Generatio
                                    ModelUnavailableError, RateLimitedError, iterate_in_thread)
 from ..config import get_config
 from ..data import PlaceholderFiller, bitext_pairs, chat_messages, file_sha256, normalize_question
-from ..evaluation import default_classifier, evaluate, load_quality, quality_table, save_quality
+from ..evaluation import default_classifier, evaluate, load_quality, quality_table, run_facts, save_quality
 from ..qlora import adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
 from ..transformer import _next_token
 
@@ -366,11 +366,8 @@ async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", data
     qa = QLoRAAdapter(config=cfg, engine="transformers", fill_placeholders=False)
     t0 = time.perf_counter()
     rep = await evaluate(qa, dev, clf, max_tokens=256, temperature=0.0, name=qa.version)
-    secs, m = time.perf_counter() - t0, qa.get_metrics()
     table = quality_table([rep])
-    table.attrs.update(n=len(dev), seconds=round(secs, 1), tokens_per_s=round(m["tokens_per_s"], 1),
-                       latency_p50_ms=round(m["latency_p50_ms"], 1), device=qa.device, base_4bit=qa._impl.quantized,
-                       measured=time.strftime("%Y-%m-%d", time.gmtime()))
+    table.attrs.update(run_facts(qa, len(dev), time.perf_counter() - t0, base_4bit=qa._impl.quantized))
     if save and not limit:
         save_quality(table, adapter_dir(adapter)/"dev_quality.json", adapter_sha256=_adapter_sha256(adapter))
     return table
