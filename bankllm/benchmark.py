@@ -7,11 +7,11 @@ Docs: https://bankllm.github.io/bankllm/benchmark.html.md"""
 # %% auto #0
 __all__ = ['log', 'P99_MIN_SAMPLES', 'SEED_PROMPTS', 'latency_stats', 'BenchmarkSuite', 'concurrency_sweep', 'benchmark_model',
            'run_round', 'machine_info', 'results_frame', 'recommend', 'format_table', 'append_jsonl', 'read_jsonl',
-           'summarize_rounds', 'plot_latency', 'plot_quality_latency', 'save_figures', 'run_benchmark',
+           'JsonlFollower', 'summarize_rounds', 'plot_latency', 'plot_quality_latency', 'save_figures', 'run_benchmark',
            'pipeline_overhead']
 
 # %% ../nbs/31_benchmark.ipynb #5b276748
-import asyncio, fcntl, json, logging, math, os, platform, time
+import asyncio, fcntl, json, logging, math, os, platform, threading, time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -244,18 +244,39 @@ def _write_all(fd:int, data:bytes):
     while view: view = view[os.write(fd, view):]
 
 # %% ../nbs/31_benchmark.ipynb #f070f2cc
+def _rotate(path:Path, backups:int):
+    "benchmark_log.jsonl -> .1 -> .2 ... (the oldest beyond `backups` is dropped); callers hold the file lock"
+    if backups < 1: path.unlink(missing_ok=True); return
+    for i in range(backups-1, 0, -1):
+        if (src := path.with_name(f"{path.name}.{i}")).exists(): src.replace(path.with_name(f"{path.name}.{i+1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
+
+def _open_locked(path:Path)->int:
+    "An fd of `path` under an exclusive lock, reopened if another writer rotated the file while we waited"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino: return fd
+        except FileNotFoundError: pass
+        os.close(fd)
+
 def append_jsonl(path:str|Path,                      # the JSONL file; created with its folder if missing
                  records:Mapping|Sequence[Mapping],  # one record or several
+                 max_bytes:int=0,                    # rotate first when the file would grow past this (0: never)
+                 backups:int=3,                      # rotated files kept: path.1 (newest) ... path.N
                 )->int:                              # bytes written
     "Append records as whole JSON lines under an exclusive file lock, repairing a torn last line first"
     records = [records] if isinstance(records, Mapping) else list(records)
     data = "".join(json.dumps(_jsonable(r), allow_nan=False, separators=(",", ":")) + "\n" for r in records).encode()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = _open_locked(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
+        if max_bytes and size and size + len(data) > max_bytes:
+            _rotate(path, backups)
+            os.close(fd); fd = _open_locked(path); size = 0
         if size and os.pread(fd, 1, size-1) != b"\n":
             log.warning("%s: dropped %d bytes of a torn last line (a writer died mid-write)", path, _drop_torn_tail(fd, size))
         _write_all(fd, data)
@@ -272,6 +293,42 @@ def read_jsonl(path:str|Path)->list[dict]:
         try: out.append(json.loads(line))
         except json.JSONDecodeError: log.warning("%s:%d: not valid JSON, skipped", path, i)
     return out
+
+# %% ../nbs/31_benchmark.ipynb #75286f9e
+class JsonlFollower:
+    "Reads a rotating JSONL log incrementally: each `read()` returns the records appended since the last one"
+    def __init__(self, path:str|Path, backups:int=3):
+        self.path, self.backups = Path(path), backups
+        self._offsets: dict[tuple, int] = {}  # (inode, first bytes) -> bytes already read
+        self._lock = threading.Lock()
+
+    def files(self)->list[Path]:
+        "The log's files, oldest first: path.N ... path.1, path"
+        names = [self.path.with_name(f"{self.path.name}.{i}") for i in range(self.backups, 0, -1)] + [self.path]
+        return [p for p in names if p.exists()]
+
+    def _read_file(self, p:Path, out:list, offsets:dict):
+        try: f = open(p, "rb")
+        except FileNotFoundError: return  # rotated away since `files()`: its records are in the next name
+        with f:
+            st = os.fstat(f.fileno())
+            key = (st.st_ino, f.read(256))  # inodes are reused once a rotation deletes the oldest file
+            pos = min(self._offsets.get(key, 0), st.st_size)
+            f.seek(pos)
+            while (line := f.readline()).endswith(b"\n"):
+                pos += len(line)
+                if not line.strip(): continue
+                try: out.append(json.loads(line))
+                except json.JSONDecodeError: log.warning("%s: a line that is not valid JSON, skipped", p)
+            offsets[key] = pos  # an unfinished last line is read next time, whole
+
+    def read(self)->list[dict]:
+        "Records appended since the last call (all of them on the first), oldest first"
+        with self._lock:
+            out, offsets = [], {}
+            for p in self.files(): self._read_file(p, out, offsets)
+            self._offsets = offsets
+            return out
 
 # %% ../nbs/31_benchmark.ipynb #64097af6
 def summarize_rounds(rounds:Sequence[Mapping], # round records, as the pipeline writes them

@@ -9,7 +9,7 @@ __all__ = ['CHAT_TEMPLATE', 'SHIPPED_MODEL_CONFIG', 'SHIPPED_TRAIN_CONFIG', 'Exa
            'length_batches', 'TrainConfig', 'lr_at', 'max_answer_at', 'pick_device', 'answer_text', 'stratified_head',
            'dev_loss', 'quick_topic_accuracy', 'TrainResult', 'select_best', 'train', 'plot_history', 'checkpoints_dir',
            'save_checkpoint', 'shipped_folder', 'resolve_checkpoint', 'load_checkpoint', 'training_record',
-           'hf_tokenizer', 'export_hf', 'train_custom_model']
+           'artifact_dirs', 'named_artifacts', 'find_artifact', 'hf_tokenizer', 'export_hf', 'train_custom_model']
 
 # %% ../nbs/04_training.ipynb #68e11aea
 import json, math, os, platform, random, time
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model, save_file
 from tqdm.auto import tqdm
 
+from .config import valid_name
 from .data import bitext_pairs, format_example, format_prompt
 from .evaluation import default_classifier
 from .tokenizer import BPETokenizer, train_banking_tokenizer
@@ -277,6 +278,30 @@ def load_checkpoint(name_or_path:str|Path="custom_model_built_0.0.0", # folder, 
 def training_record(name_or_path:str|Path="custom_model_built_0.0.0")->dict:
     "How a checkpoint was trained (its `training.json`)"
     return json.loads((resolve_checkpoint(name_or_path)/"training.json").read_text())
+
+# %% ../nbs/04_training.ipynb #e1dfab4f
+def artifact_dirs(extra:Sequence[str|Path]=())->list[Path]:
+    "Where named artifacts live: the package's checkpoints folder, then the `extra` folders (a setting)"
+    return [checkpoints_dir(), *(Path(d).expanduser() for d in extra)]
+
+def named_artifacts(marker:str, extra:Sequence[str|Path]=())->list[str]:
+    "The names of the artifact folders holding `marker`, in every artifact folder"
+    return sorted({d.name for root in artifact_dirs(extra) if root.is_dir() for d in root.iterdir()
+                   if valid_name(d.name) and (d/marker).is_file()})
+
+def find_artifact(name:str,                       # a name such as "custom_model_built_0.0.0", never a path
+                  marker:str,                     # the file that makes a folder the right kind
+                  what:str,                       # for the error: "checkpoint", "LoRA adapter"
+                  extra:Sequence[str|Path]=(),    # more folders to search (the `checkpoint_dirs` setting)
+                 )->Path:
+    "The folder named `name` inside the artifact folders; `FileNotFoundError` naming what exists"
+    if valid_name(name):
+        for root in artifact_dirs(extra):
+            root = root.resolve()
+            d = (root/name).resolve()
+            if d.is_relative_to(root) and d != root and (d/marker).is_file(): return d
+    raise FileNotFoundError(f"no {what} named {name!r}: the {what}s here are "
+                            f"{', '.join(named_artifacts(marker, extra)) or 'none'}")
 
 # %% ../nbs/04_training.ipynb #6ddb096d
 def _bytes_to_unicode()->dict[int, str]:

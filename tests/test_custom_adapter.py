@@ -42,7 +42,7 @@ async def test_seeded_sampling_is_reproducible(tiny_ckpt):
 
 async def test_a_missing_checkpoint_is_unhealthy_with_the_reason_and_a_503(tmp_path):
     a = CustomAdapter("custom_model_built_9.9.9")
-    assert await a.health_check() is False and "shipped checkpoints" in a.health_reason
+    assert await a.health_check() is False and "the checkpoints here are custom_model_built_0.0.0" in a.health_reason
     with pytest.raises(Exception) as e: await a.generate("hi")
     assert e.value.status_code == 503
 
@@ -90,7 +90,7 @@ async def test_a_client_that_leaves_stops_the_generation():
 
 
 def test_the_version_names_the_shipped_checkpoint_and_settings_can_override(tmp_path):
-    assert CustomAdapter().checkpoint == "custom_model_built_0.0.0"
+    assert CustomAdapter().checkpoint.name == "custom_model_built_0.0.0"
     assert CustomAdapter(config=get_config(custom_checkpoint=tmp_path)).checkpoint == tmp_path
 
 

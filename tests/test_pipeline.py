@@ -54,7 +54,7 @@ def trigger_numbers(lines):
 
 # --- numbering and triggers --------------------------------------------------------------------------------------
 async def test_200_concurrent_numbers_and_triggers(tmp_path, families):
-    p = await BankingLLMPipeline.create(cfg(tmp_path), benchmark_models=["custom-test"], suite=FAST)
+    p = await BankingLLMPipeline.create(cfg(tmp_path, max_queue=256), benchmark_models=["custom-test"], suite=FAST)
     rs = await asyncio.gather(*[p.generate(f"question {i}", max_tokens=5) for i in range(200)])
     await p.drain()
     assert sorted(r.request_number for r in rs) == list(range(1, 201))
@@ -66,7 +66,7 @@ async def test_200_concurrent_numbers_and_triggers(tmp_path, families):
 
 async def test_rounds_one_at_a_time_and_coalesced_triggers_counted(tmp_path, families):
     "Two bursts, each while a gated round runs: two rounds, the other triggers coalesced into them"
-    p = BankingLLMPipeline(cfg(tmp_path), benchmark_models=["gated"], suite=FAST)
+    p = BankingLLMPipeline(cfg(tmp_path, max_queue=256), benchmark_models=["gated"], suite=FAST)
     for burst in range(2):
         await asyncio.gather(*[p.generate("q", max_tokens=5) for _ in range(100)])
         assert p._round is not None and len(p._tasks) == 1       # one round in flight, the rest coalesced
@@ -101,7 +101,7 @@ async def test_round_statuses(tmp_path, families):
     st = {m["model_version"]: (m["status"], m["reason"]) for m in rec["models"]}
     assert st["custom-test"] == ("ok", None)
     assert st["broken"][0] == "unavailable" and "backend down" in st["broken"][1]
-    assert st["noload"][0] == "unavailable" and "weights missing" in st["noload"][1]
+    assert st["noload"][0] == "unavailable" and "failed to load (OSError" in st["noload"][1]
     assert st["flaky"][0] == "error" and "connection reset" in st["flaky"][1]
     assert st["nosuch_1.0.0"][0] == "unavailable" and "available families" in st["nosuch_1.0.0"][1]
     assert log_lines(tmp_path)[0]["round_id"] == rec["round_id"]
@@ -131,7 +131,7 @@ async def test_summary(tmp_path, families):
 # --- switching ---------------------------------------------------------------------------------------------------
 async def test_switch_rollback_keeps_old_model_with_reason(tmp_path, families):
     p = await BankingLLMPipeline.create(cfg(tmp_path, enable_benchmarking=False))
-    for target, code, words in [("broken", 409, "backend down"), ("noload", 409, "weights missing"),
+    for target, code, words in [("broken", 409, "backend down"), ("noload", 409, "failed to load (OSError"),
                                 ("nosuch_1.0.0", 404, "available families")]:
         r = await p.switch_model(target)
         assert (r.ok, r.status_code, r.active, p.active_version) == (False, code, "custom-test", "custom-test")

@@ -9,27 +9,35 @@ __all__ = ['CustomAdapter', 'evaluate_checkpoint', 'stored_quality']
 
 # %% ../../nbs/11_custom_adapter.ipynb #cdc8e682
 import codecs, json, math, threading, time
+from pathlib import Path
 
 import pandas as pd
 import torch
 from fastcore.basics import patch
 
-from .base import BadRequestError, Generation, ModelAdapter, iterate_in_thread
+from .base import BadRequestError, Generation, ModelAdapter, ModelUnavailableError, iterate_in_thread
 from ..data import PlaceholderFiller, bitext_pairs, file_sha256, format_prompt
 from ..evaluation import (constant_baseline, default_classifier, evaluate, load_quality, quality_table,
                                 reference_baseline, retrieval_baseline, run_facts, save_quality)
-from ..training import load_checkpoint, pick_device, resolve_checkpoint
+from ..training import find_artifact, load_checkpoint, named_artifacts, pick_device, resolve_checkpoint
 from ..transformer import model_memory_mb
 
 # %% ../../nbs/11_custom_adapter.ipynb #027d5f0c
+def _checkpoint_for(version:str, config)->Path|FileNotFoundError:
+    "The checkpoint a version names: the `custom_checkpoint` setting (trusted), else the artifact called `version`"
+    if config.custom_checkpoint: return Path(config.custom_checkpoint)
+    try: return find_artifact(version, "model.safetensors", "checkpoint", config.checkpoint_dirs)
+    except FileNotFoundError as e: return e
+
 class CustomAdapter(ModelAdapter):
     "The from-scratch `BankingLLM` (a shipped or local checkpoint) behind the adapter contract"
     family = "custom"
+    max_concurrency = 1  # one generation at a time: torch already spreads one over every core
     def __init__(self, version:str|None=None, config=None,
-                 checkpoint=None,                    # folder or shipped name; default: setting, else the version
+                 checkpoint=None,                    # folder or shipped name (trusted); default: setting, else the version
                  fill_placeholders:bool|None=None):  # default: the `fill_placeholders` setting
         super().__init__(version or "custom_model_built_0.0.0", config)
-        self.checkpoint = checkpoint or self.config.custom_checkpoint or self.version
+        self.checkpoint = checkpoint or _checkpoint_for(self.version, self.config)
         self.fill = self.config.fill_placeholders if fill_placeholders is None else fill_placeholders
         self.model = self.tok = None
         self._gen_lock = threading.Lock()
@@ -38,11 +46,23 @@ class CustomAdapter(ModelAdapter):
     @property
     def device(self)->str: return str(self._device)
 
+    @classmethod
+    def shipped_versions(cls, config): return named_artifacts("model.safetensors", config.checkpoint_dirs)
+
+    @classmethod
+    def artifact_key(cls, version, config):
+        d = _checkpoint_for(version, config)
+        return None if isinstance(d, Exception) else f"custom:{Path(d).resolve()}"
+
     def _load(self):
+        if isinstance(self.checkpoint, Exception): raise ModelUnavailableError(f"{self.version}: {self.checkpoint}")
         self.model, self.tok = load_checkpoint(self.checkpoint, self.device)
+
+    def _unload(self): self.model = self.tok = None
 
     async def _health(self):
         if self.loaded: return True, None
+        if isinstance(self.checkpoint, Exception): return False, str(self.checkpoint)
         try: resolve_checkpoint(self.checkpoint)
         except FileNotFoundError as e: return False, str(e)
         return True, None

@@ -9,7 +9,7 @@ __all__ = ['DEFAULT_MODEL', 'RETRY_STATUSES', 'model_name', 'system_instruction'
            'retry_after_s', 'to_adapter_error', 'backoff_delay', 'GeminiAdapter']
 
 # %% ../../nbs/14_gemini_adapter.ipynb #f1e3d678
-import asyncio, logging, math, random, time, weakref
+import asyncio, hashlib, logging, math, random, time, weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import parsedate_to_datetime
 
@@ -151,6 +151,7 @@ class GeminiAdapter(ModelAdapter):
     "Google Gemini through the `google-genai` SDK: async, streaming, retried with backoff, honest counts"
     family = "gemini"
     max_tokens_limit = 8192      # Gemini 2.x output limit
+    max_concurrency = 16         # requests in flight to Google at once; more wait in the admission queue
     backoff_s: float = 0.5       # first retry wait (before jitter)
     backoff_cap_s: float = 8.0   # longest single wait, unless the server asks for more
 
@@ -161,7 +162,6 @@ class GeminiAdapter(ModelAdapter):
         super().__init__(version or "gemini_2.0_flash_v1.0.0", config)
         self.model = model_name(self.version, self.config.gemini_model)
         self.logprobs_ok: bool|None = None   # False once the model has rejected response_logprobs
-        self._clients = weakref.WeakKeyDictionary()  # event loop -> genai.Client
         self._rng = random.Random()
 
     @property
@@ -171,6 +171,10 @@ class GeminiAdapter(ModelAdapter):
     def _key(self)->str|None:
         k = self.config.gemini_api_key
         return (k.get_secret_value().strip() or None) if k is not None else None
+
+    @classmethod
+    def artifact_key(cls, version, config):  # versions naming the same Gemini model at the same endpoint share one adapter
+        return f"gemini:{model_name(version, config.gemini_model)}@{config.gemini_base_url or 'google'}"
 
     def _load(self):
         if not self._key(): raise ModelUnavailableError(f"{self.version}: no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY)")
@@ -182,13 +186,16 @@ def _new_client(self:GeminiAdapter)->genai.Client:
                              retry_options=types.HttpRetryOptions(attempts=1))
     return genai.Client(api_key=self._key(), http_options=opts)
 
+_CLIENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> {(key hash, base URL, timeout): client}
+
 @patch
 async def _aio(self:GeminiAdapter):
-    "The async SDK client for the running event loop, made on first use in a worker thread"
+    "The async SDK client for the running event loop, key and endpoint, made on first use in a worker thread"
     loop = asyncio.get_running_loop()
-    if (c := self._clients.get(loop)) is None:
-        if not self._key(): raise ModelUnavailableError(f"{self.version}: no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY)")
-        c = self._clients.setdefault(loop, await asyncio.to_thread(self._new_client))
+    if not self._key(): raise ModelUnavailableError(f"{self.version}: no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY)")
+    k = (hashlib.sha256(self._key().encode()).hexdigest(), self.config.gemini_base_url, self.config.gemini_timeout_s)
+    clients = _CLIENTS.setdefault(loop, {})
+    if (c := clients.get(k)) is None: c = clients.setdefault(k, await asyncio.to_thread(self._new_client))
     return c.aio
 
 @patch

@@ -22,6 +22,7 @@ from ..config import get_config
 from ..data import PlaceholderFiller, bitext_pairs, chat_messages, file_sha256, normalize_question
 from ..evaluation import default_classifier, evaluate, load_quality, quality_table, run_facts, save_quality
 from ..qlora import adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
+from ..training import find_artifact, named_artifacts
 from ..transformer import _next_token
 
 # %% ../../nbs/13_qlora_adapter.ipynb #201e6883
@@ -36,6 +37,12 @@ def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None
     return "vllm" if has_vllm and has_cuda else "transformers"
 
 # %% ../../nbs/13_qlora_adapter.ipynb #e5b1073d
+def _adapter_for(version:str, config)->str|Path|FileNotFoundError:
+    "The adapter a version names: the `qlora_adapter` setting (trusted), else the artifact called `version`"
+    if config.qlora_adapter: return config.qlora_adapter
+    try: return find_artifact(version, "adapter_config.json", "LoRA adapter", config.checkpoint_dirs)
+    except FileNotFoundError as e: return e
+
 class QLoRAAdapter(ModelAdapter):
     "A base model + LoRA adapter behind the adapter contract, served by vLLM, transformers or a remote server"
     family = "qlora"
@@ -45,10 +52,11 @@ class QLoRAAdapter(ModelAdapter):
         super().__init__(version or "qlora_vllm_finetuned_model_v1.0.0", config)
         s = self.config
         self.engine = pick_engine(engine or s.qlora_engine, s.qlora_remote_url)
-        self.adapter = s.qlora_adapter or self.version
+        self.adapter = _adapter_for(self.version, s)
         self.fill = s.fill_placeholders if fill_placeholders is None else fill_placeholders
-        try: rec = adapter_record(self.adapter)
+        try: rec = adapter_record(self._adapter_dir())
         except FileNotFoundError: rec = {}  # reported by the health check, not here
+        self.admission.concurrency = 1 if self.engine == "transformers" else 16
         self.base = s.qlora_base or rec.get("base")
         self.system = rec.get("config", {}).get("system")
         self._impl = None
@@ -61,6 +69,21 @@ class QLoRAAdapter(ModelAdapter):
         return "cuda" if torch.cuda.is_available() and self.config.device in ("auto", "cuda") else "cpu"
 
     def __repr__(self): return f"QLoRAAdapter(version={self.version!r}, engine={self.engine!r})"
+
+    def _adapter_dir(self)->Path:
+        if isinstance(self.adapter, Exception): raise self.adapter
+        return adapter_dir(self.adapter)
+
+    @classmethod
+    def shipped_versions(cls, config): return named_artifacts("adapter_config.json", config.checkpoint_dirs)
+
+    @classmethod
+    def artifact_key(cls, version, config):
+        a = _adapter_for(version, config)
+        if isinstance(a, Exception): return None
+        try: d = adapter_dir(a).resolve()
+        except FileNotFoundError: return None
+        return f"qlora:{pick_engine(config.qlora_engine, config.qlora_remote_url)}:{d}:{config.qlora_base}"
 
 # %% ../../nbs/13_qlora_adapter.ipynb #3338c879
 def _stop_ids(model, tok)->set[int]:
@@ -121,11 +144,14 @@ class TextDeltas:
 @patch
 def _load(self:QLoRAAdapter):
     if self.engine == "transformers":
-        self._impl = TransformersEngine(adapter_dir(self.adapter), self.base, self.config.qlora_load_in_4bit,
+        self._impl = TransformersEngine(self._adapter_dir(), self.base, self.config.qlora_load_in_4bit,
                                         self.config.device)
-    elif self.engine == "vllm": self._impl = VLLMEngine(adapter_dir(self.adapter), self.base, self.config)
+    elif self.engine == "vllm": self._impl = VLLMEngine(self._adapter_dir(), self.base, self.config)
     elif self.engine == "openai": self._impl = self._impl or OpenAIEngine(self.config)
     else: raise ModelUnavailableError(f"unknown QLoRA engine {self.engine!r}: use vllm, transformers or openai")
+
+@patch
+def _unload(self:QLoRAAdapter): self._impl = None
 
 @patch
 def _memory_mb(self:QLoRAAdapter):
@@ -346,7 +372,7 @@ async def _health(self:QLoRAAdapter):
         if not torch.cuda.is_available() and importlib.util.find_spec("vllm.platforms.cpu") is None:
             return False, "the vLLM engine needs a CUDA GPU and none is visible; set BANKLLM_QLORA_ENGINE=transformers to serve on CPU"
     elif self.engine != "transformers": return False, f"unknown QLoRA engine {self.engine!r}: use vllm, transformers or openai"
-    try: d = adapter_dir(self.adapter)
+    try: d = self._adapter_dir()
     except FileNotFoundError as e: return False, str(e)
     base = self.base or adapter_base(d)
     if not base: return False, f"no base model for adapter {d.name}: set BANKLLM_QLORA_BASE"
