@@ -338,7 +338,7 @@ async def _unless_disconnected(request:Request, coro):
     finally:
         watch.cancel()
         if not work.done(): work.cancel()
-    if not work.cancelled(): return work.result()
+    if work.done() and not work.cancelled(): return work.result()
     with contextlib.suppress(BaseException): await work
     raise ClientDisconnected()
 

@@ -239,6 +239,7 @@ async def generate(self:BankingLLMPipeline,
     "Answer `prompt` with the active model; adds `conversation_id`, `request_number`, `pipeline_version`"
     n, model = self._begin(), model or self.model
     try: r = await model.generate(prompt, max_tokens=max_tokens, temperature=temperature, **kw)
+    except asyncio.CancelledError: raise  # the caller gave up (a client went away): not a model error
     except BaseException as e:
         self._stats(model).fail(e); raise
     finally: self.in_flight -= 1

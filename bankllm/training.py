@@ -9,7 +9,7 @@ __all__ = ['CHAT_TEMPLATE', 'SHIPPED_MODEL_CONFIG', 'SHIPPED_TRAIN_CONFIG', 'Exa
            'length_batches', 'TrainConfig', 'lr_at', 'max_answer_at', 'pick_device', 'answer_text', 'stratified_head',
            'dev_loss', 'quick_topic_accuracy', 'TrainResult', 'select_best', 'train', 'plot_history', 'checkpoints_dir',
            'save_checkpoint', 'shipped_folder', 'resolve_checkpoint', 'load_checkpoint', 'training_record',
-           'artifact_dirs', 'named_artifacts', 'find_artifact', 'hf_tokenizer', 'export_hf', 'train_custom_model']
+           'find_artifact', 'hf_tokenizer', 'export_hf', 'train_custom_model']
 
 # %% ../nbs/04_training.ipynb #68e11aea
 import json, math, os, platform, random, time
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model, save_file
 from tqdm.auto import tqdm
 
-from .config import valid_name
+from .config import artifact_dirs, named_artifacts, valid_name
 from .data import bitext_pairs, format_example, format_prompt
 from .evaluation import default_classifier
 from .tokenizer import BPETokenizer, train_banking_tokenizer
@@ -280,15 +280,6 @@ def training_record(name_or_path:str|Path="custom_model_built_0.0.0")->dict:
     return json.loads((resolve_checkpoint(name_or_path)/"training.json").read_text())
 
 # %% ../nbs/04_training.ipynb #e1dfab4f
-def artifact_dirs(extra:Sequence[str|Path]=())->list[Path]:
-    "Where named artifacts live: the package's checkpoints folder, then the `extra` folders (a setting)"
-    return [checkpoints_dir(), *(Path(d).expanduser() for d in extra)]
-
-def named_artifacts(marker:str, extra:Sequence[str|Path]=())->list[str]:
-    "The names of the artifact folders holding `marker`, in every artifact folder"
-    return sorted({d.name for root in artifact_dirs(extra) if root.is_dir() for d in root.iterdir()
-                   if valid_name(d.name) and (d/marker).is_file()})
-
 def find_artifact(name:str,                       # a name such as "custom_model_built_0.0.0", never a path
                   marker:str,                     # the file that makes a folder the right kind
                   what:str,                       # for the error: "checkpoint", "LoRA adapter"

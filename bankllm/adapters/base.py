@@ -297,10 +297,6 @@ class ModelAdapter:
         "Yield text deltas, optionally ending with a `Generation` carrying counts; default: `_generate` as one chunk"
         yield await self._generate(prompt, max_tokens, temperature, **kw)
     @classmethod
-    def shipped_versions(cls, config:Settings)->list[str]:
-        "Versions whose artifacts ship with the package or lie in the configured artifact folders"
-        return []
-    @classmethod
     def artifact_key(cls, version:str, config:Settings)->str|None:
         "What `version` serves (a resolved folder, a remote model): versions with one key share one instance; None: unresolved"
         return f"{cls.family}:{version}"
@@ -470,9 +466,12 @@ async def health_check(self:ModelAdapter,
         return self._health_ok
     limit, self.health_status = self.config.health_timeout_s, 503
     try:
-        async with asyncio.timeout(limit): ok, reason = await self._health()
-    except TimeoutError: ok, reason, self.health_status = False, f"health check took longer than {limit:g}s", 504
+        async with asyncio.timeout(limit) as deadline: ok, reason = await self._health()
+    except TimeoutError: ok, reason = False, None
+    except AdapterError as e: ok, reason, self.health_status = False, e.message, (504 if e.status_code == 504 else 503)
     except Exception as e: ok, reason = False, f"{type(e).__name__}: {e}"
+    if deadline.expired():  # also when a backend turned the cancellation into an error of its own
+        ok, reason, self.health_status = False, f"health check took longer than {limit:g}s", 504
     self.health_reason = None if ok else (reason or "unhealthy")
     self._health_ok, self._health_at = bool(ok), time.monotonic()
     return bool(ok)

@@ -19,7 +19,7 @@ from .base import BadRequestError, Generation, ModelAdapter, ModelUnavailableErr
 from ..data import PlaceholderFiller, bitext_pairs, file_sha256, format_prompt
 from ..evaluation import (constant_baseline, default_classifier, evaluate, load_quality, quality_table,
                                 reference_baseline, retrieval_baseline, run_facts, save_quality)
-from ..training import find_artifact, load_checkpoint, named_artifacts, pick_device, resolve_checkpoint
+from ..training import find_artifact, load_checkpoint, pick_device, resolve_checkpoint
 from ..transformer import model_memory_mb
 
 # %% ../../nbs/11_custom_adapter.ipynb #027d5f0c
@@ -45,9 +45,6 @@ class CustomAdapter(ModelAdapter):
 
     @property
     def device(self)->str: return str(self._device)
-
-    @classmethod
-    def shipped_versions(cls, config): return named_artifacts("model.safetensors", config.checkpoint_dirs)
 
     @classmethod
     def artifact_key(cls, version, config):

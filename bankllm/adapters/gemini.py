@@ -304,6 +304,6 @@ async def _stream(self:GeminiAdapter, prompt, max_tokens, temperature, **kw)->As
 async def _health(self:GeminiAdapter)->tuple[bool, str|None]:
     if not self._key(): return False, "no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY)"
     try: await (await self._aio()).models.get(model=self.model)
-    except Exception as e:
-        return False, to_adapter_error(e, f"{self.version} ({self.model})", self._key(), self.config.gemini_timeout_s).message
+    except Exception as e:  # raised, so a timeout stays a timeout (504) in `health_check`
+        raise to_adapter_error(e, f"{self.version} ({self.model})", self._key(), self.config.gemini_timeout_s) from e
     return True, None

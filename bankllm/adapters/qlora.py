@@ -22,7 +22,7 @@ from ..config import get_config
 from ..data import PlaceholderFiller, bitext_pairs, chat_messages, file_sha256, normalize_question
 from ..evaluation import default_classifier, evaluate, load_quality, quality_table, run_facts, save_quality
 from ..qlora import adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
-from ..training import find_artifact, named_artifacts
+from ..training import find_artifact
 from ..transformer import _next_token
 
 # %% ../../nbs/13_qlora_adapter.ipynb #201e6883
@@ -73,9 +73,6 @@ class QLoRAAdapter(ModelAdapter):
     def _adapter_dir(self)->Path:
         if isinstance(self.adapter, Exception): raise self.adapter
         return adapter_dir(self.adapter)
-
-    @classmethod
-    def shipped_versions(cls, config): return named_artifacts("adapter_config.json", config.checkpoint_dirs)
 
     @classmethod
     def artifact_key(cls, version, config):
