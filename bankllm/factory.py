@@ -112,8 +112,13 @@ def known_versions(cls:ModelFactory, config:Settings|None=None)->list[str]:
         if f in cls.REGISTRY: out += [v for v in named_artifacts(marker, config.checkpoint_dirs) if v.partition("_")[0] == f]
     return list(dict.fromkeys([*out, config.llm_model_version, *config.models]))
 
-def _unknown(cls, name, known)->UnknownModelError:
-    return UnknownModelError(f"unknown model {str(name)[:60]!r}: this server serves {', '.join(known)}")
+def _check_known(cls, name:str, version:str, config:Settings|None):
+    "`UnknownModelError` listing what is served unless `name` is known; the usual names are answered without a disk read"
+    config = config or get_config()
+    usual = {*cls.available(), *(DEFAULT_VERSIONS.get(f, f) for f in cls.available()), config.llm_model_version, *config.models}
+    if name in usual or version in usual: return
+    if version not in (known := cls.known_versions(config)):
+        raise UnknownModelError(f"unknown model {str(name)[:60]!r}: this server serves {', '.join(known)}")
 
 @patch(cls_method=True)
 def create(cls:ModelFactory,
@@ -126,7 +131,7 @@ def create(cls:ModelFactory,
     if v.family not in cls.REGISTRY:
         raise UnknownModelError(f"unknown model {name!r}: available families are {', '.join(cls.available())} "
                                 f"(e.g. {', '.join(DEFAULT_VERSIONS.values())})")
-    if known_only and name not in (known := cls.known_versions(config)) and v.raw not in known: raise _unknown(cls, name, known)
+    if known_only: _check_known(cls, name, v.raw, config)
     if (inst := cls._instances.get(v.raw)) is not None: return cls._touch(inst)
     with _name_lock(cls, v.raw):
         if (inst := cls._instances.get(v.raw)) is not None: return cls._touch(inst)

@@ -712,9 +712,13 @@ def main(argv=None)->int:
                    python=ctx.python, cpus=os.cpu_count(), default_settings=DEFAULT_SETTINGS, server_env=ctx.overrides,
                    data_dir=ctx.data_dir, notes=ctx.notes, rows=rows, markdown=md)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        Path(a.out).write_text(_portable(json.dumps(doc, indent=2, default=str)) + "\n")
         print(f"\nwrote {a.out}")
     return 0
+
+def _portable(text:str)->str:
+    "The report without this machine's folders: paths relative to the repository (or its parent)"
+    return text.replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -384,8 +384,7 @@ def _retry_after_s(self:ModelAdapter)->float:
     "Seconds until the queue ahead of a new request has likely drained, from the recent average latency"
     lat = self._metrics.latencies
     avg_s = (sum(lat)/len(lat)/1000) if lat else 1.0
-    ahead = self.admission.running + self.admission.waiting
-    return float(min(60, max(1, math.ceil(ahead * avg_s / self.admission.concurrency))))
+    return float(min(60, max(1, math.ceil(self.busy() * avg_s / self.admission.concurrency))))
 
 @patch
 @asynccontextmanager
