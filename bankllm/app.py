@@ -152,7 +152,7 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     message: Message                                        # the customer's question, 1..4000 characters
     conversation_id: ShortText|None = None                  # echoed back; a new one when absent
-    max_tokens: MaxTokens = 100                             # most tokens to generate, 1..1024
+    max_tokens: MaxTokens|None = None                       # most tokens to generate, 1..1024; default: the setting
     temperature: Temperature = 0.7                          # 0 = greedy, up to 2
 
 # %% ../nbs/50_app.ipynb #60d81ae6
@@ -539,7 +539,8 @@ def _add_routes(app:FastAPI, state:_State):
         "Answer a customer's message with the active model"
         _log_request(request, "chat", body.message, pipe.active_version)
         r = await _unless_disconnected(request, pipe.generate(body.message, conversation_id=body.conversation_id,
-                                                              max_tokens=body.max_tokens, temperature=body.temperature))
+                                                              max_tokens=body.max_tokens or pipe.config.default_max_tokens,
+                                                              temperature=body.temperature))
         return _jsonable(r.to_dict())
 
     @app.get("/api/v1/benchmark/summary", tags=["benchmark"])
@@ -594,8 +595,10 @@ def _add_routes(app:FastAPI, state:_State):
 
     @app.get("/v1/models", tags=["openai"])
     async def openai_models(pipe:Pipe)->dict:
-        "The OpenAI model list: the active model first, then every registered family's default version"
-        names = dict.fromkeys([pipe.active_version] + [DEFAULT_VERSIONS.get(f, f) for f in ModelFactory.available()])
+        "The OpenAI model list: the active model first, each registered family's default version, then the other known versions"
+        families = set(ModelFactory.available())
+        names = dict.fromkeys([pipe.active_version] + [DEFAULT_VERSIONS.get(f, f) for f in ModelFactory.available()]
+                              + [v for v in ModelFactory.known_versions(pipe.config) if v not in families])
         return {"object": "list", "data": [{"id": n, "object": "model", "created": int(state.started), "owned_by": "bankllm"}
                                            for n in names]}
 
@@ -604,7 +607,7 @@ def _add_routes(app:FastAPI, state:_State):
         "OpenAI-compatible chat completion (plain, or `stream=true` as server-sent events)"
         prompt = body.prompt()
         adapter = await resolve_model(pipe, body.model)
-        kw = dict(max_tokens=body.max_completion_tokens or body.max_tokens or 100,
+        kw = dict(max_tokens=body.max_completion_tokens or body.max_tokens or pipe.config.default_max_tokens,
                   temperature=0.7 if body.temperature is None else body.temperature)
         _log_request(request, "chat.completions", prompt, adapter.version if adapter else pipe.active_version)
         cid, created = f"chatcmpl-{request.state.request_id}", int(time.time())

@@ -26,7 +26,7 @@ def _run(coro_fn):
 # %% ../nbs/40_cli.ipynb #08e4ef7e
 EXAMPLES = """\
 examples:
-  bankllm chat "What are the ATM fees?"                 # the shipped from-scratch model, on CPU
+  bankllm chat "I lost my card, what should I do?"                 # the shipped from-scratch model, on CPU
   bankllm chat "I lost my card" --stream --temperature 0
   bankllm chat "How do I open an account?" --model gemini   # needs GEMINI_API_KEY
   bankllm serve --env-file .env.custom                  # http://127.0.0.1:8000/docs
@@ -35,7 +35,7 @@ examples:
   bankllm train --out checkpoints/my_model --steps 4000 --time-limit 1800
 
 settings come from the environment or an env file (--env-file, or BANKLLM_ENV_FILE):
-  LLM_MODEL_VERSION=custom_model_built_0.0.0 | qlora_vllm_finetuned_model_v1.0.0 | gemini_2.0_flash_v1.0.0
+  LLM_MODEL_VERSION=custom_model_built_0.1.0 | custom_model_built_0.0.0 | qlora_vllm_finetuned_model_v1.0.0 | gemini_2.0_flash_v1.0.0
   GEMINI_API_KEY, BANKLLM_ADMIN_TOKEN, BANKLLM_DATA_DIR, BANKLLM_DEVICE, ...  (see .env.custom / .env.qlora / .env.gemini)
 """
 
@@ -50,11 +50,11 @@ def build_parser()->argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("chat", help="answer one question", formatter_class=P,
                        description="Answer one customer question with the active model (or --model) and print it.",
-                       epilog='example: bankllm chat "What are the ATM fees?" --model custom --stream')
+                       epilog='example: bankllm chat "I lost my card, what should I do?" --model custom --stream')
     c.add_argument("message", help="the customer's question (quote it)")
     c.add_argument("--model", metavar="NAME", help="custom | qlora | gemini | a version string (default: LLM_MODEL_VERSION)")
     c.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    c.add_argument("--max-tokens", type=int, default=100, metavar="N", help="most tokens to generate, 1..1024 (default 100)")
+    c.add_argument("--max-tokens", type=int, metavar="N", help="most tokens to generate, 1..1024 (default: BANKLLM_DEFAULT_MAX_TOKENS, 384)")
     c.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 = greedy, up to 2 (default 0.7)")
     c.add_argument("--json", action="store_true", help="print the whole result (timings, tokens, confidence) as JSON")
     _env(c)
@@ -87,12 +87,13 @@ def build_parser()->argparse.ArgumentParser:
                        epilog="example: bankllm train --out checkpoints/my_model --steps 4000 --time-limit 1800\n"
                               "then:    BANKLLM_CUSTOM_CHECKPOINT=checkpoints/my_model bankllm chat \"ATM fees?\"")
     t.add_argument("--out", default="checkpoints/custom_model", metavar="DIR", help="checkpoint folder (default checkpoints/custom_model)")
-    t.add_argument("--steps", type=int, default=4000, help="optimizer steps (default 4000)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     t.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop after this long, keeping the best checkpoint")
-    t.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    t.add_argument("--batch-size", type=int, help="examples per step (default: the recipe's)")
     t.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (default 4096)")
     t.add_argument("--device", default="auto", help='"auto" (CUDA when present), "cpu", "cuda", ... (default auto)')
-    t.add_argument("--version", default="custom_model_built_0.0.0", help="version string recorded with the checkpoint")
+    t.add_argument("--version", default="custom_model_built_0.1.0",
+                   help="version recorded with the checkpoint; a shipped version (custom_model_built_0.0.0, custom_model_built_0.1.0) trains with its recipe (default custom_model_built_0.1.0)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _env(t)
     return p
@@ -117,7 +118,7 @@ def cmd_chat(a)->int:
     async def go():
         pipe = BankingLLMPipeline(_config(a, enable_benchmarking=False, **over))
         await pipe.load()
-        kw = dict(max_tokens=a.max_tokens, temperature=a.temperature)
+        kw = dict(max_tokens=pipe.config.default_max_tokens if a.max_tokens is None else a.max_tokens, temperature=a.temperature)
         if not a.stream: return await pipe.generate(a.message, **kw)
         s = pipe.stream(a.message, **kw)
         async for d in s: print(d, end="", flush=True)
@@ -153,7 +154,7 @@ def _kv_bench(a)->int:
     from bankllm.transformer import kv_cache_benchmark
     n = 256 if a.max_tokens is None else a.max_tokens
     if n < 1 or a.runs < 1: return _err("--max-tokens and --runs must be at least 1", 2)
-    ckpt = _config(a).custom_checkpoint or "custom_model_built_0.0.0"
+    ckpt = _config(a).custom_checkpoint or "custom_model_built_0.1.0"
     model, tok = load_checkpoint(ckpt)
     prompt = tok.encode(format_prompt(KV_QUESTION))
     room = model.config.block_size - len(prompt)
@@ -182,11 +183,15 @@ def cmd_bench(a)->int:
 
 def cmd_train(a)->int:
     "bankllm train"
-    from bankllm.training import TrainConfig, train_custom_model
+    from dataclasses import replace
+    from bankllm.training import RECIPES, SHIPPED_VERSION, train_custom_model
     cfg = _config(a)
-    tc = TrainConfig(steps=a.steps, batch_size=a.batch_size, device=a.device, time_limit_s=a.time_limit)
-    _, _, record = train_custom_model(a.out, train_cfg=tc, vocab_size=a.vocab_size, data_dir=cfg.data_dir,
-                                      version=a.version, progress=not a.no_progress)
+    model_cfg, tc, mix = RECIPES.get(a.version, RECIPES[SHIPPED_VERSION])  # a new version starts from the shipped recipe
+    given = dict(steps=a.steps, batch_size=a.batch_size, time_limit_s=a.time_limit)
+    tc = replace(tc, device=a.device, **{k: v for k, v in given.items() if v is not None})
+    model_cfg = replace(model_cfg, vocab_size=a.vocab_size)
+    _, _, record = train_custom_model(a.out, model_cfg, tc, vocab_size=a.vocab_size, data_dir=cfg.data_dir,
+                                      version=a.version, mix=mix, progress=not a.no_progress)
     keys = ["version", "params", "steps", "train_seconds", "best_step", "best_dev_loss", "best_dev_topic_accuracy"]
     print("\n".join(f"{k:>24}: {record.get(k)}" for k in keys))
     print(f"saved to {a.out}: use it with BANKLLM_CUSTOM_CHECKPOINT={a.out}")

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BANKLLM_", extra="ignore", populate_by_name=True,
                                       validate_default=True)
     # names the seed's users already have
-    llm_model_version: str = Field("custom_model_built_0.0.0",
+    llm_model_version: str = Field("custom_model_built_0.1.0",
         validation_alias=AliasChoices("LLM_MODEL_VERSION", "llm_model_version"))  # the active model
     enable_benchmarking: bool = Field(True,
         validation_alias=AliasChoices("ENABLE_BENCHMARKING", "enable_benchmarking"))
@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     device: str = "auto"                # "auto", "cpu", "cuda", "cuda:1", ...
     admin_token: SecretStr|None = None  # bearer token for admin routes (model switch)
     request_timeout_s: float = Field(60.0, gt=0)  # per-request deadline: waiting in the queue + generating
+    default_max_tokens: int = Field(384, ge=1, le=1024)  # `max_tokens` of a request that gives none: typical answers finish
     # what HTTP clients may ask for, and what it may cost
     models: Annotated[list[str], NoDecode] = []   # extra versions clients may name (comma-separated)
     checkpoint_dirs: Annotated[list[Path], NoDecode] = []  # folders searched for named artifacts, after the package's

@@ -22,7 +22,7 @@ from .adapters.base import (AdapterError, GenerationResult, ModelAdapter, ModelU
                                    background_priority, percentile)
 from .benchmark import BenchmarkSuite, JsonlFollower, _now, append_jsonl, run_round, summarize_rounds
 from .config import Settings, get_config
-from .data import PlaceholderFiller, fill_placeholders
+from .data import CredentialGuard, PlaceholderFiller, fill_placeholders, guard_text
 from .factory import DEFAULT_VERSIONS, ModelFactory, parse_version
 
 # %% ../nbs/30_pipeline.ipynb #73b1bf5c
@@ -245,7 +245,7 @@ async def generate(self:BankingLLMPipeline,
     finally: self.in_flight -= 1
     self._stats(model).ok(r.latency_ms, r.tokens, r.prompt_tokens)
     vals = {k: getattr(r, k) for k in _GEN_KEYS}
-    vals["text"] = self._fill_text(r.text)
+    vals["text"] = self._fill_text(guard_text(r.text))  # no credential asks reach a customer (`CredentialGuard`)
     return PipelineResult(**vals, conversation_id=conversation_id or uuid.uuid4().hex, request_number=n,
                           pipeline_version=PIPELINE_VERSION)
 
@@ -270,14 +270,18 @@ class PipelineStream:
     async def _deltas(self):
         p, m = self.pipeline, self.model
         filler = PlaceholderFiller(p.profile) if p.fill else None
+        guard = CredentialGuard()
         t0, ttft, parts = time.perf_counter(), None, []
         try:
             async for d in m.stream(self.prompt, max_tokens=self.max_tokens, temperature=self.temperature, **self.kw):
+                if not (d := guard.feed(d)): continue
                 if filler and not (d := filler.feed(d)): continue
                 if ttft is None: ttft = (time.perf_counter()-t0)*1000
                 parts.append(d); yield d
             final = m.last_stream_result  # set by the adapter just before its stream ended: no await since
-            if filler and (tail := filler.flush()): parts.append(tail); yield tail
+            tail = guard.flush()
+            if filler: tail = filler.feed(tail) + filler.flush()
+            if tail: parts.append(tail); yield tail
         except GeneratorExit: raise   # the consumer stopped early (a client went away): not a model error
         except BaseException as e:
             p._stats(m).fail(e); raise

@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from .config import get_config
 from .data import bitext_pairs, chat_messages, file_sha256
-from .training import (_hardware, checkpoints_dir, export_hf, load_checkpoint, lr_at, pick_device, shipped_folder,
+from .training import (_hardware, chat_rows, checkpoints_dir, export_hf, load_checkpoint, lr_at, pick_device, shipped_folder,
                               stratified_head)
 
 # %% ../nbs/12_qlora.ipynb #4fe49564
@@ -172,9 +172,10 @@ def trainable_parameters(model:torch.nn.Module)->tuple[int, int]:
     return trainable, total
 
 # %% ../nbs/12_qlora.ipynb #c3c6eb58
-def chat_example(tok, question:str, answer:str, system:str|None=None, max_len:int=320)->tuple[list[int], list[int]]:
-    "(input_ids, labels) of one chat; labels are -100 on the prompt"
-    msgs = chat_messages(question, system)
+def chat_example(tok, question:str, answer:str, system:str|None=None, max_len:int=320,
+                 history=())->tuple[list[int], list[int]]:
+    "(input_ids, labels) of one chat (after `history`); labels are -100 on the prompt"
+    msgs = chat_messages(question, system, history)
     ids = lambda m, **kw: list(tok.apply_chat_template(m, tokenize=True, return_dict=True, **kw)["input_ids"])
     prompt = ids(msgs, add_generation_prompt=True)
     full = ids(msgs + [dict(role="assistant", content=answer)])
@@ -226,7 +227,7 @@ def finetune_qlora(base:str|Path,                 # hub id, Hugging Face folder 
     trainable, total = trainable_parameters(model)
     train_pairs = bitext_pairs("train", data_dir) if train_pairs is None else train_pairs
     dev_pairs = stratified_head(bitext_pairs("dev", data_dir), 128) if dev_pairs is None else dev_pairs
-    ex = lambda df: [chat_example(tok, q, a, cfg.system, cfg.max_len) for q, a in zip(df.question, df.answer)]
+    ex = lambda df: [chat_example(tok, q, a, s or cfg.system, cfg.max_len, h) for q, a, s, h in chat_rows(df)]
     train_ex, dev_ex = ex(train_pairs), ex(dev_pairs)
     dev_batches = [chat_batch(dev_ex[i:i+cfg.batch_size], tok.pad_token_id) for i in range(0, len(dev_ex), cfg.batch_size)]
     params = [p for p in model.parameters() if p.requires_grad]

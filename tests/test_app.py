@@ -17,9 +17,9 @@ GEMINI_KEY = "AIzaFAKE-key-0123456789abcdef"
 USER = [{"role": "user", "content": "What are the ATM fees?"}]
 
 class MidStreamFail(EchoAdapter):
-    "Streams one delta, then the backend fails"
+    "Streams one delta (a whole word: the pipeline holds a word back until it ends), then the backend fails"
     async def _stream(self, prompt, max_tokens, temperature, **kw):
-        yield "Hello"
+        yield "Hello, "
         raise ModelUnavailableError("backend went away mid-answer")
 
 @pytest.fixture

@@ -90,3 +90,11 @@ async def test_pipeline_overhead_measures_both_paths():
     df = await pipeline_overhead(n=200, warmup=20)
     assert list(df.path) == ["adapter direct", "through pipeline", "overhead (pipeline - direct)"]
     assert list(df.n) == [200, 200, 200] and df.p99_us.notna().all()
+
+
+def test_the_dev_sample_draws_from_every_eval_set():
+    from bankllm.benchmark import BenchmarkSuite
+    d = BenchmarkSuite(n_dev=10).dev_sample()
+    assert d.set.value_counts().to_dict() == {"bitext": 4, "real": 2, "scope": 2, "follow_up": 2}
+    assert (d[d.set == "follow_up"].history.map(len) == 2).all() and (d[d.set != "follow_up"].history.map(len) == 0).all()
+    assert BenchmarkSuite(n_dev=10).dev_sample() is d and BenchmarkSuite(n_dev=0).dev_sample().empty

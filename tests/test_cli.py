@@ -103,3 +103,20 @@ def test_console_script():
     if exe is None: pytest.skip("bankllm console script not installed (pip install -e .)")
     out = subprocess.run([exe, "chat", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--stream" in out and "example" in out
+
+
+def test_train_reproduces_a_shipped_recipe_and_flags_override_it(monkeypatch, tmp_path, capsys):
+    import bankllm.training as training
+    calls = []
+    def fake(out, model_cfg, train_cfg, **kw):
+        calls.append((out, model_cfg, train_cfg, kw))
+        return None, None, {"version": kw["version"]}
+    monkeypatch.setattr(training, "train_custom_model", fake)
+    assert main(["train", "--out", str(tmp_path), "--no-progress"]) == 0
+    _, mc, tc, kw = calls[-1]
+    shipped_mc, shipped_tc, shipped_mix = training.RECIPES[training.SHIPPED_VERSION]
+    assert (mc, tc.steps, tc.batch_size, kw["mix"], kw["version"]) == (shipped_mc, shipped_tc.steps, shipped_tc.batch_size,
+                                                                      shipped_mix, training.SHIPPED_VERSION)
+    assert main(["train", "--out", str(tmp_path), "--version", "custom_model_built_0.0.0", "--steps", "7", "--no-progress"]) == 0
+    _, mc, tc, kw = calls[-1]
+    assert kw["mix"] is None and mc.block_size == 320 and tc.steps == 7 and tc.batch_size == 16

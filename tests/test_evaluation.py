@@ -137,3 +137,50 @@ def test_import_is_light():
     code = "import sys, bankllm.evaluation; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_auroc_against_a_direct_count_of_pairs():
+    from bankllm.evaluation import auroc
+    rng = random.Random(5)
+    for _ in range(50):
+        n = rng.randint(2, 30)
+        s = [rng.choice([0.1, 0.2, 0.5, 0.7, 0.9]) for _ in range(n)]
+        y = [rng.random() < 0.5 for _ in range(n)]
+        if len(set(y)) < 2: continue
+        pos, neg = [a for a, t in zip(s, y) if t], [a for a, t in zip(s, y) if not t]
+        direct = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+        assert auroc(s, y) == pytest.approx(direct)
+    with pytest.raises(ValueError): auroc([0.5, 0.6], [True, True])
+
+
+def test_calibration_bins_and_credential_asks_in_rows():
+    from bankllm.evaluation import calibration
+    dev = bitext_pairs("dev").head(3)
+    rep = score_answers("x", dev, ["Please provide me with your {{Card Number}}.", dev.answer[1], ""],
+                        finish=["stop", "length", None], confidence=[0.95, 0.15, None])
+    assert list(rep.rows.credential_ask) == [True, False, False]
+    cal = calibration(rep.rows, bins=10)
+    assert list(cal.answers) == [1, 1] and cal.confidence.tolist() == pytest.approx([0.15, 0.95])
+
+
+async def test_evaluate_sends_each_questions_history():
+    seen = []
+    class Recorder(EchoAdapter):
+        async def _generate(self, prompt, max_tokens, temperature, **kw):
+            seen.append(kw.get("history"))
+            return await super()._generate(prompt, max_tokens, temperature)
+    import pandas as pd
+    dev = bitext_pairs("dev").head(2).assign(history=[[], [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]])
+    rep = await evaluate(Recorder("echo_test_0.0.0"), dev)
+    assert seen == [None, dev.history[1]] and rep.errors == 0
+
+
+def test_goals_table_and_baselines_on_every_set():
+    from bankllm.data import eval_sets, training_mix
+    from bankllm.evaluation import GOAL_COLUMNS, default_classifier, goals_table, set_baselines
+    sets = eval_sets("dev", per_intent=1, follow_ups_per_intent=1)
+    t = goals_table(set_baselines(training_mix(), sets, default_classifier())).set_index("name")
+    assert list(t.reset_index().columns) == GOAL_COLUMNS
+    assert t.loc["reference", "scope_honesty"] == 1.0 and t.loc["reference", "bitext_rouge_l"] == 1.0
+    assert t.loc["retrieval", "real_topic"] > t.loc["constant", "real_topic"]
+    assert t.loc["retrieval", "follow_up"] < 0.5  # single-turn retrieval loses the first turn's topic

@@ -31,9 +31,16 @@ class TemplateEcho(EchoAdapter):
     async def _stream(self, prompt, max_tokens, temperature, **kw):
         for d in ["Call {", "{Customer Support ", "Phone Number}} or visit {{Bank", " Name}} today."]: yield d
 
+class AskingEcho(EchoAdapter):
+    "Answers with a sentence that asks for the card number, streamed in pieces that split it"
+    async def _stream(self, prompt, max_tokens, temperature, **kw):
+        for d in ["I can help. Please provide ", "me with your {{Card", " Number}}. Then call ", "{{Customer Support Phone Number}}."]:
+            yield d
+
 @pytest.fixture
 def families():
-    names = {"broken": BrokenEcho, "noload": NoLoadEcho, "flaky": FlakyEcho, "gated": GatedEcho, "template": TemplateEcho}
+    names = {"broken": BrokenEcho, "noload": NoLoadEcho, "flaky": FlakyEcho, "gated": GatedEcho, "template": TemplateEcho,
+             "asking": AskingEcho}
     for k, v in names.items(): ModelFactory.register(k, v)
     GatedEcho.gate = asyncio.Event()
     yield names
@@ -173,6 +180,13 @@ async def test_stream_numbered_filled_and_counted(tmp_path, families):
     assert "".join(deltas) == g.text and len(deltas) > 1 and "{{" not in "".join(deltas)
     assert s.result.request_number == 2 and s.result.text == g.text and s.result.ttft_ms is not None
     assert p.get_metrics()["models"]["template"]["requests"] == 2
+
+async def test_no_credential_ask_reaches_the_customer(tmp_path, families):
+    p = BankingLLMPipeline(cfg(tmp_path, llm_model_version="asking", enable_benchmarking=False))
+    g = await p.generate("q")
+    streamed = "".join([d async for d in p.stream("q")])
+    assert streamed == g.text and "provide" not in g.text and "Card Number" not in g.text
+    assert g.text.startswith("I can help. Please ") and g.text.endswith(get_config().placeholders["Customer Support Phone Number"] + ".")
 
 async def test_metrics_count_errors_per_model(tmp_path, families):
     p = BankingLLMPipeline(cfg(tmp_path, enable_benchmarking=False))

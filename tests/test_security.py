@@ -202,7 +202,7 @@ def test_rss_bounded_under_name_variants_with_the_shipped_model(tmp_path):
     "100 `custom_model_built_0.0.0///…` and 140 `gemini_i` names (all 404) cost the server < 150 MiB; bounded to ~20 s"
     names = [CUSTOM + "/"*k for k in range(1, 101)] + [f"gemini_{i}" for i in range(140)]
     deadline = time.monotonic() + 20
-    with serve(tmp_path, model=lambda cfg: custom_mod.CustomAdapter(config=cfg), llm_model_version=CUSTOM,
+    with serve(tmp_path, model=lambda cfg: custom_mod.CustomAdapter(CUSTOM, config=cfg), llm_model_version=CUSTOM,
                models=[CUSTOM]) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         warm = c.post("/v1/chat/completions", json=oa(CUSTOM, max_tokens=2))
         assert warm.status_code == 200, warm.text

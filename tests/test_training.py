@@ -37,6 +37,19 @@ def test_the_curriculum_cap_cuts_answers_not_prompts(tok):
     assert ((y != -100).sum(1) <= 4).all()  # 3 answer tokens + the one after them
 
 
+def test_a_rows_own_answer_cap_and_history_reach_its_example(tok):
+    hist = [{"role": "user", "content": "Where is my card?"}, {"role": "assistant", "content": "On its way."}]
+    rows = PAIRS.assign(max_answer=pd.array([2, None, None], dtype="Int64"), history=[hist, [], []],
+                        system=["Be brief.", "", ""])
+    ex = make_examples(tok, rows, block_size=200)
+    assert [e.max_answer for e in ex] == [2, None, None]
+    assert ex[0].start == len(tok.encode(format_prompt(PAIRS.question[0], "Be brief.", hist)))
+    _, y = collate(ex, tok.pad_id)
+    assert (y[0] != -100).sum() == 3 and (y[1] != -100).sum() == len(ex[1].ids) - ex[1].start
+    _, y = collate(ex, tok.pad_id, max_answer=1)  # the curriculum's cap and a row's cap: the smaller wins
+    assert ((y != -100).sum(1) == 2).all()
+
+
 def test_length_batches_cover_every_example_once():
     ex = [Example(list(range(n)), 1) for n in random.Random(0).choices(range(3, 300), k=203)]
     bs = length_batches(ex, 16, random.Random(1))

@@ -16,9 +16,8 @@ import torch
 from fastcore.basics import patch
 
 from .base import BadRequestError, Generation, ModelAdapter, ModelUnavailableError, iterate_in_thread
-from ..data import PlaceholderFiller, bitext_pairs, file_sha256, format_prompt
-from ..evaluation import (constant_baseline, default_classifier, evaluate, load_quality, quality_table,
-                                reference_baseline, retrieval_baseline, run_facts, save_quality)
+from ..data import PlaceholderFiller, file_sha256, format_prompt
+from ..evaluation import dev_goals, load_quality, save_quality
 from ..training import find_artifact, load_checkpoint, pick_device, resolve_checkpoint
 from ..transformer import model_memory_mb
 
@@ -36,7 +35,7 @@ class CustomAdapter(ModelAdapter):
     def __init__(self, version:str|None=None, config=None,
                  checkpoint=None,                    # folder or shipped name (trusted); default: setting, else the version
                  fill_placeholders:bool|None=None):  # default: the `fill_placeholders` setting
-        super().__init__(version or "custom_model_built_0.0.0", config)
+        super().__init__(version or "custom_model_built_0.1.0", config)
         self.checkpoint = checkpoint or _checkpoint_for(self.version, self.config)
         self.fill = self.config.fill_placeholders if fill_placeholders is None else fill_placeholders
         self.model = self.tok = None
@@ -77,24 +76,24 @@ def _token_stream(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, 
                                               stop_ids=self.tok.stop_ids, generator=gen)
 
 @patch
-async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=None, top_p=None, seed=None, **kw):
-    try: ids = self.tok.encode(format_prompt(prompt))
-    except ValueError as e: raise BadRequestError(str(e)) from e  # a chat control token in the customer's text
+async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=None, top_p=None, seed=None,
+                  history=(), system=None, **kw):
+    try: ids = self.tok.encode(format_prompt(prompt, system, history))
+    except ValueError as e: raise BadRequestError(str(e)) from e  # a chat control token, or a history role that isn't one
     room = self.model.config.block_size - len(ids)
     if room < 1: raise BadRequestError(f"prompt is {len(ids)} tokens; this model's context holds {self.model.config.block_size}")
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    filler = PlaceholderFiller(self.config.placeholders) if self.fill else None
+    filler = PlaceholderFiller(self.config.placeholders, fill=self.fill)  # always: a cut answer drops an unfinished placeholder
     stops, logprobs, finish, text, t0, ttft = set(self.tok.stop_ids), [], "length", [], time.perf_counter(), None
     async for tok, lp in iterate_in_thread(lambda: self._token_stream(ids, min(max_tokens, room), temperature, top_k, top_p, seed)):
         if tok in stops: finish = "stop"; break
         logprobs.append(lp)
         d = utf8.decode(self.tok.decode_bytes([tok], skip_special=True))
-        if filler: d = filler.feed(d)
-        if not d: continue
+        if not (d := filler.feed(d)): continue
         if ttft is None: ttft = (time.perf_counter() - t0) * 1000
         text.append(d); yield d
     tail = utf8.decode(b"", final=True)
-    if filler: tail = filler.feed(tail) + filler.flush()
+    tail = filler.feed(tail) + filler.flush(cut=finish == "length")
     if tail: text.append(tail); yield tail
     conf = math.exp(sum(logprobs) / len(logprobs)) if logprobs else None
     yield Generation("".join(text), tokens=len(logprobs), prompt_tokens=len(ids), finish_reason=finish,
@@ -103,25 +102,18 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
 # %% ../../nbs/11_custom_adapter.ipynb #c46f9240
 def _weights_sha256(ckpt)->str: return file_sha256(resolve_checkpoint(ckpt)/"model.safetensors")
 
-async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.0.0", # shipped name or folder
+async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.1.0", # shipped name or folder
                               data_dir=None,           # default: the data-dir setting
-                              limit:int|None=None,     # evaluate only the first `limit` dev questions
                               save:bool=True,          # write `dev_quality.json` beside the weights
+                              progress:bool=False,
                              )->pd.DataFrame:
-    "Dev-split quality of a checkpoint next to the baselines; saved with the weights' sha256"
-    clf, dev = default_classifier(data_dir), bitext_pairs("dev", data_dir)
-    if limit: dev = dev.iloc[:limit]
-    adapter = CustomAdapter(checkpoint=checkpoint, fill_placeholders=False)
-    t0 = time.perf_counter()
-    model = await evaluate(adapter, dev, clf, max_tokens=256, temperature=0.0, name=adapter.version)
-    secs = time.perf_counter() - t0
-    table = quality_table([model, reference_baseline(dev, clf), retrieval_baseline(bitext_pairs("train", data_dir), dev, clf),
-                           constant_baseline(dev, clf)])
-    table.attrs.update(run_facts(adapter, len(dev), secs, threads=torch.get_num_threads()))
-    if save and not limit:
-        save_quality(table, resolve_checkpoint(checkpoint)/"dev_quality.json", weights_sha256=_weights_sha256(checkpoint))
+    "Dev quality of a checkpoint on the four dev sets, next to the baselines (`dev_goals`); saved with the weights' sha256"
+    adapter = CustomAdapter(Path(resolve_checkpoint(checkpoint)).name, checkpoint=checkpoint, fill_placeholders=False)
+    table = await dev_goals(adapter, data_dir, progress=progress)
+    table.attrs["threads"] = torch.get_num_threads()
+    if save: save_quality(table, resolve_checkpoint(checkpoint)/"dev_quality.json", weights_sha256=_weights_sha256(checkpoint))
     return table
 
-def stored_quality(checkpoint:str="custom_model_built_0.0.0")->pd.DataFrame:
+def stored_quality(checkpoint:str="custom_model_built_0.1.0")->pd.DataFrame:
     "The stored dev-quality table of a checkpoint; an error if the weights changed since it was measured"
     return load_quality(resolve_checkpoint(checkpoint)/"dev_quality.json", weights_sha256=_weights_sha256(checkpoint))

@@ -19,8 +19,8 @@ from fastcore.basics import patch
 from .base import (AdapterError, AdapterTimeoutError, BadRequestError, Generation, ModelAdapter,
                                    ModelUnavailableError, RateLimitedError, iterate_in_thread)
 from ..config import get_config
-from ..data import PlaceholderFiller, bitext_pairs, chat_messages, file_sha256, normalize_question
-from ..evaluation import default_classifier, evaluate, load_quality, quality_table, run_facts, save_quality
+from ..data import PlaceholderFiller, chat_messages, file_sha256
+from ..evaluation import dev_goals, load_quality, save_quality
 from ..qlora import adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
 from ..training import find_artifact
 from ..transformer import _next_token
@@ -103,8 +103,8 @@ class TransformersEngine:
     @property
     def device(self)->str: return str(self.model.device)
 
-    def prompt_ids(self, prompt:str, system:str|None)->list[int]:
-        enc = self.tok.apply_chat_template(chat_messages(prompt, system), add_generation_prompt=True, tokenize=True,
+    def prompt_ids(self, prompt:str, system:str|None, history=())->list[int]:
+        enc = self.tok.apply_chat_template(chat_messages(prompt, system, history), add_generation_prompt=True, tokenize=True,
                                            return_dict=True)
         return list(enc["input_ids"])
 
@@ -158,15 +158,15 @@ def _confidence(logprobs:list[float])->float|None:
     return math.exp(sum(logprobs) / len(logprobs)) if logprobs else None
 
 @patch
-async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None, top_p=None, seed=None, **kw):
-    try: normalize_question(prompt)
-    except ValueError as e: raise BadRequestError(str(e)) from e  # chat control tokens in the customer's text
-    filler = PlaceholderFiller(self.config.placeholders) if self.fill else None
-    fill = (lambda d: filler.feed(d)) if filler else (lambda d: d)
+async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None, top_p=None, seed=None, history=(), **kw):
+    try: chat_messages(prompt, self.system, history)
+    except ValueError as e: raise BadRequestError(str(e)) from e  # chat control tokens, or a history role that isn't one
+    filler = PlaceholderFiller(self.config.placeholders, fill=self.fill)  # always: a cut answer drops an unfinished placeholder
+    fill = filler.feed
     parts = []
     if self.engine == "transformers":
         eng = self._impl
-        ids = eng.prompt_ids(prompt, self.system)
+        ids = eng.prompt_ids(prompt, self.system, history)
         room = eng.context - len(ids)
         if room < 1: raise BadRequestError(f"prompt is {len(ids)} tokens; this model's context holds {eng.context}")
         deltas, logprobs, finish, t0, ttft = TextDeltas(eng.tok), [], "length", time.perf_counter(), None
@@ -181,14 +181,14 @@ async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None
         tail = fill(deltas.feed(None, final=True))
     else:
         final, t0, ttft = None, time.perf_counter(), None
-        async for d in self._impl.stream(prompt, self.system, max_tokens, temperature, top_p=top_p, seed=seed):
+        async for d in self._impl.stream(prompt, self.system, max_tokens, temperature, top_p=top_p, seed=seed, history=history):
             if isinstance(d, Generation): final = d; continue
             if d := fill(d):
                 if ttft is None: ttft = (time.perf_counter() - t0) * 1000
                 parts.append(d); yield d
         if final.ttft_ms is None: final.ttft_ms = ttft  # so `generate` reports the first token's time, not the last
         tail = ""
-    if filler: tail += filler.flush()
+    tail += filler.flush(cut=final.finish_reason == "length")
     if tail: parts.append(tail); yield tail
     final.text = "".join(parts)
     yield final
@@ -261,10 +261,10 @@ class VLLMEngine:
         try: eng.abort_request([rid])
         except Exception as e: _log.warning("vLLM could not abort request %s: %s: %s", rid, type(e).__name__, e)
 
-    async def stream(self, prompt, system, max_tokens, temperature, top_p=None, seed=None):
+    async def stream(self, prompt, system, max_tokens, temperature, top_p=None, seed=None, history=()):
         from vllm import SamplingParams
-        ids = self.tok.apply_chat_template(chat_messages(prompt, system), add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)["input_ids"]
+        ids = self.tok.apply_chat_template(chat_messages(prompt, system, history), add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"]
         sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed, top_p=top_p or 1.0)
         loop, q, rid = asyncio.get_running_loop(), asyncio.Queue(), f"bankllm-{next(self.ids)}"
         def put(x)->bool:
@@ -318,9 +318,9 @@ class OpenAIEngine:
             return AdapterError(msg, status_code=503 if e.status_code == 503 else 502)
         return AdapterError(f"{where}: {type(e).__name__}: {e}")
 
-    async def stream(self, prompt, system, max_tokens, temperature, top_p=None, seed=None):
+    async def stream(self, prompt, system, max_tokens, temperature, top_p=None, seed=None, history=()):
         import openai
-        kw = dict(model=self.model, messages=chat_messages(prompt, system), max_tokens=max_tokens,
+        kw = dict(model=self.model, messages=chat_messages(prompt, system, history), max_tokens=max_tokens,
                   temperature=temperature, stream=True, stream_options={"include_usage": True},
                   **({"top_p": top_p} if top_p else {}), **({"seed": seed} if seed is not None else {}))
         try:
@@ -380,19 +380,14 @@ async def _health(self:QLoRAAdapter):
 # %% ../../nbs/13_qlora_adapter.ipynb #eeaccb17
 def _adapter_sha256(adapter)->str: return file_sha256(adapter_dir(adapter)/"adapter_model.safetensors")
 
-async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", data_dir=None, limit:int|None=None,
-                           save:bool=True, config=None)->pd.DataFrame:
-    "Dev-split quality of a QLoRA adapter (transformers engine) next to the custom model's; saved with the adapter"
-    clf, dev = default_classifier(data_dir), bitext_pairs("dev", data_dir)
-    if limit: dev = dev.iloc[:limit]
+async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", # shipped name or folder
+                           data_dir=None, save:bool=True, config=None, progress:bool=False)->pd.DataFrame:
+    "Dev quality of a QLoRA adapter (transformers engine) on the four dev sets (`dev_goals`); saved with the adapter"
     cfg = (config or get_config()).model_copy(update=dict(qlora_adapter=str(adapter)))
-    qa = QLoRAAdapter(config=cfg, engine="transformers", fill_placeholders=False)
-    t0 = time.perf_counter()
-    rep = await evaluate(qa, dev, clf, max_tokens=256, temperature=0.0, name=qa.version)
-    table = quality_table([rep])
-    table.attrs.update(run_facts(qa, len(dev), time.perf_counter() - t0, base_4bit=qa._impl.quantized))
-    if save and not limit:
-        save_quality(table, adapter_dir(adapter)/"dev_quality.json", adapter_sha256=_adapter_sha256(adapter))
+    qa = QLoRAAdapter(adapter_dir(adapter).name, config=cfg, engine="transformers", fill_placeholders=False)
+    table = await dev_goals(qa, data_dir, baselines=False, progress=progress)  # the custom model's table has the baselines
+    table.attrs["base_4bit"] = qa._impl.quantized
+    if save: save_quality(table, adapter_dir(adapter)/"dev_quality.json", adapter_sha256=_adapter_sha256(adapter))
     return table
 
 def stored_adapter_quality(adapter:str="qlora_vllm_finetuned_model_v1.0.0")->pd.DataFrame:
