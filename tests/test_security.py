@@ -366,6 +366,31 @@ def test_invisible_message_and_chunked_body_over_1mb(tmp_path):
     assert big.status_code == 413 and err(big)["type"] == "invalid_request_error", big.text
     assert health.status_code == 200 and chat.status_code == 200
 
+# --- what an answer may cost and say ---------------------------------------------------------------------------------
+
+class AskingRecorder(EchoAdapter):
+    "Answers with a sentence that asks for the PIN, and records the `max_tokens` each request was given"
+    seen: list = []
+    async def _stream(self, prompt, max_tokens, temperature, **kw):
+        type(self).seen.append(max_tokens)
+        for d in ["Sure. Please type your ", "PIN here", " and I will check it. Then call us."]: yield d
+
+def test_a_request_without_max_tokens_gets_the_default_and_no_credential_ask_reaches_it(tmp_path):
+    AskingRecorder.seen = []
+    msgs = [{"role": "user", "content": "hi"}]
+    with serve(tmp_path, model=lambda cfg: AskingRecorder(cfg.llm_model_version, cfg), default_max_tokens=50) as srv, \
+         httpx.Client(base_url=srv.url, timeout=30) as c:
+        a = c.post("/api/v1/chat", json={"message": "hi"})
+        b = c.post("/v1/chat/completions", json={"messages": msgs})
+        s = c.post("/v1/chat/completions", json={"messages": msgs, "stream": True})
+        big = c.post("/api/v1/chat", json={"message": "hi", "max_tokens": 100_000})
+    streamed = "".join(json.loads(l[6:])["choices"][0]["delta"].get("content") or "" for l in s.text.split("\n")
+                       if l.startswith("data: {") and json.loads(l[6:]).get("choices"))
+    assert AskingRecorder.seen == [50, 50, 50]  # the setting, not a client's silence, bounds the cost
+    assert big.status_code in (400, 422) and AskingRecorder.seen == [50, 50, 50]
+    for text in (a.json()["text"], b.json()["choices"][0]["message"]["content"], streamed):
+        assert "PIN" not in text and text.startswith("Sure. Please ") and text.endswith("Then call us."), text
+
 # --- timeouts -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture
