@@ -184,3 +184,14 @@ def test_goals_table_and_baselines_on_every_set():
     assert t.loc["reference", "scope_honesty"] == 1.0 and t.loc["reference", "bitext_rouge_l"] == 1.0
     assert t.loc["retrieval", "real_topic"] > t.loc["constant", "real_topic"]
     assert t.loc["retrieval", "follow_up"] < 0.5  # single-turn retrieval loses the first turn's topic
+
+
+def test_only_an_answer_close_to_the_hand_off_counts_as_one():
+    from bankllm.data import OUT_OF_SCOPE, SCOPE_ANSWER
+    from bankllm.evaluation import default_classifier
+    clf = default_classifier()
+    assert clf.predict([SCOPE_ANSWER, SCOPE_ANSWER[:90]]) == [OUT_OF_SCOPE, OUT_OF_SCOPE]
+    short = ["You asked: can you help with", "I can help with that"]  # nearest to the hand-off's wide vocabulary
+    floorless = IntentClassifier(clf.tfidf, clf.labels, clf.centroids)
+    assert floorless.predict(short) == [OUT_OF_SCOPE, OUT_OF_SCOPE]
+    assert OUT_OF_SCOPE not in clf.predict(short)  # but too far from it to be one
