@@ -482,9 +482,9 @@ def set_baselines(retrieval_pairs:pd.DataFrame,  # what retrieval may look up: `
     def retrieval(k, s):
         idx, sim = retr.nearest(s.question)  # the similarity is retrieval's confidence
         return score_answers("retrieval", s, [truncate_words(retr.answers[i], max_words) for i in idx], clf, confidence=sim)
-    return {"reference": {k: score_answers("reference", s, list(s.answer), clf) for k, s in sets.items()},
+    return {"reference": {k: reference_baseline(s, clf) for k, s in sets.items()},
             "retrieval": {k: retrieval(k, s) for k, s in sets.items()},
-            "constant": {k: score_answers("constant", s, [GENERIC_ANSWER]*len(s), clf) for k, s in sets.items()}}
+            "constant": {k: constant_baseline(s, clf) for k, s in sets.items()}}
 
 # %% ../nbs/05_evaluation.ipynb #098bd54a
 def auroc(scores:Sequence[float], # higher = more confident

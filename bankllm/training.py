@@ -13,7 +13,7 @@ __all__ = ['CHAT_TEMPLATE', 'RECIPES', 'SHIPPED_VERSION', 'SHIPPED_MODEL_CONFIG'
            'find_artifact', 'hf_tokenizer', 'export_hf', 'train_custom_model']
 
 # %% ../nbs/04_training.ipynb #68e11aea
-import json, math, os, platform, random, time
+import inspect, json, math, os, platform, random, time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,10 +137,10 @@ def answer_text(model:BankingLLM, tok:BPETokenizer, question:str, max_new_tokens
                        stop_ids=tok.stop_ids)
     return tok.decode(g.ids, skip_special=True).strip()
 
-def stratified_head(pairs, n:int, by:str="intent"):
-    "About `n` rows of `pairs`, the same number from each `by` group"
-    k = max(1, n // pairs[by].nunique())
-    return pairs.groupby(by, group_keys=False).head(k)
+def stratified_head(pairs, n:int):
+    "About `n` rows of `pairs`, the same number from each intent"
+    k = max(1, n // pairs.intent.nunique())
+    return pairs.groupby("intent", group_keys=False).head(k)
 
 @torch.no_grad()
 def dev_loss(model:BankingLLM, examples:Sequence[Example], pad_id:int, batch_size:int=32, max_batches:int=8)->float:
@@ -378,6 +378,11 @@ def _hardware(device:torch.device)->dict:
     if device.type == "cuda": hw["gpu"] = torch.cuda.get_device_name(device)
     return hw
 
+def _mix_arguments(mix:dict)->dict:
+    "Every `training_mix` argument a run used: its defaults, overridden by `mix` (so a record survives new defaults)"
+    defaults = {k: p.default for k, p in inspect.signature(training_mix).parameters.items() if k != "data_dir"}
+    return {**defaults, **mix}
+
 def _quick_sets(ev:dict, n:int, seed:int)->dict:
     "The quick-check questions from the dev `eval_sets`: about `n` in all, a share of each set"
     return {"bitext": stratified_head(ev["bitext"], n // 3), "real": stratified_head(ev["real"], n // 4),
@@ -410,7 +415,7 @@ def train_custom_model(out_dir:str|Path|None=None,    # where to save; None: don
         dv = pd.concat(ev.values(), ignore_index=True).sample(frac=1.0, random_state=train_cfg.seed)
         quick = _quick_sets(ev, train_cfg.eval_questions, train_cfg.seed)
         data = dict(train=f"training mix of {len(tr)} chats (train splits of Bitext and BANKING77)",
-                    mix=dict(mix), mix_rows=tr.source.value_counts().to_dict(),
+                    mix=_mix_arguments(mix), mix_rows=tr.source.value_counts().to_dict(),
                     model_selection="dev eval sets: loss on 256 chats; mean quick topic accuracy over "
                                     + ", ".join(f"{k} ({len(q)})" for k, q in quick.items()))
     tr_ex, dv_ex = make_examples(tok, tr, cfg.block_size), make_examples(tok, dv, cfg.block_size)
@@ -443,7 +448,8 @@ RECIPES = {  # version -> (model config, train config, `training_mix` arguments 
         ModelConfig(vocab_size=4096, block_size=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=256),
         TrainConfig(steps=4600, batch_size=16, lr=2e-3, min_lr=1e-4, warmup=100, curriculum=((0.4, 64), (1.0, None)),
                     eval_every=1150, eval_questions=156, eval_tokens=40, topic_tolerance=0.03, time_limit_s=1680),
-        dict(augment=True)),
+        dict(augment=True, out_of_scope_share=0.3, real_copies=3, answer_cap=64, off_domain_copies=3, follow_up_n=800,
+             bitext_augment_share=0.5, system_share=0.15, seed=42)),
 }
 SHIPPED_VERSION = "custom_model_built_0.1.0"  # the default custom model
 SHIPPED_MODEL_CONFIG, SHIPPED_TRAIN_CONFIG, SHIPPED_MIX = RECIPES[SHIPPED_VERSION]

@@ -108,10 +108,11 @@ async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.1.0", # shipp
                               progress:bool=False,
                              )->pd.DataFrame:
     "Dev quality of a checkpoint on the four dev sets, next to the baselines (`dev_goals`); saved with the weights' sha256"
-    adapter = CustomAdapter(Path(resolve_checkpoint(checkpoint)).name, checkpoint=checkpoint, fill_placeholders=False)
+    d = resolve_checkpoint(checkpoint)
+    adapter = CustomAdapter(d.name, checkpoint=d, fill_placeholders=False)
     table = await dev_goals(adapter, data_dir, progress=progress)
     table.attrs["threads"] = torch.get_num_threads()
-    if save: save_quality(table, resolve_checkpoint(checkpoint)/"dev_quality.json", weights_sha256=_weights_sha256(checkpoint))
+    if save: save_quality(table, d/"dev_quality.json", weights_sha256=_weights_sha256(d))
     return table
 
 def stored_quality(checkpoint:str="custom_model_built_0.1.0")->pd.DataFrame:
