@@ -45,7 +45,7 @@ def parse_version(version:str)->ModelVersion:
 # %% ../nbs/20_factory.ipynb #6bfa5859
 DEFAULT_VERSIONS = {
     "custom": "custom_model_built_0.1.0",
-    "qlora": "qlora_vllm_finetuned_model_v1.0.0",
+    "qlora": "qlora_vllm_finetuned_model_v1.1.0",
     "gemini": "gemini_2.0_flash_v1.0.0",
 }
 

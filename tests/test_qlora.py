@@ -1,13 +1,15 @@
 """QLoRA for real on a tiny locally built Llama: bitsandbytes 4-bit NF4 loading, peft LoRA training, saving,
 loading and merging adapters. CPU (bitsandbytes 0.50 runs NF4 there); the CUDA path is the same code with bf16."""
 import json
+from dataclasses import asdict
 
 import pandas as pd
 import pytest
 import torch
 
-from bankllm.qlora import (QLoRAConfig, add_lora, adapter_base, adapter_dir, chat_batch, chat_example, finetune_qlora,
-                           load_adapted, load_base, merge_adapter, resolve_base, trainable_parameters, weight_memory)
+from bankllm.qlora import (QLORA_RECIPES, QLoRAConfig, add_lora, adapter_base, adapter_dir, adapter_record, chat_batch,
+                           chat_example, chat_examples, finetune_qlora, finetune_recipe, load_adapted, load_base,
+                           merge_adapter, resolve_base, trainable_parameters, weight_memory)
 from bankllm.tokenizer import BPETokenizer
 from bankllm.training import save_checkpoint
 from bankllm.transformer import BankingLLM, ModelConfig
@@ -66,13 +68,46 @@ def test_answer_only_labels(ckpt):
     assert b["attention_mask"][1].tolist() == [1]*5 + [0]*(len(ids) - 5) and (b["labels"][1, 5:] == -100).all()
 
 
+def test_max_answer_keeps_only_the_first_answer_tokens(ckpt):
+    _, tok = load_base(ckpt, quantize=False, device="cpu")
+    full, _ = chat_example(tok, "Where is my card?", "It is on its way, usually within five days.")
+    ids, labels = chat_example(tok, "Where is my card?", "It is on its way, usually within five days.", max_answer=3)
+    prompt = sum(l == -100 for l in labels)
+    assert len(ids) == prompt + 3 and ids == full[:len(ids)] and all(l != -100 for l in labels[prompt:])
+    rows = pd.DataFrame({"question": ["Where is my card?"] * 2, "answer": ["It is on its way, usually within five days."] * 2,
+                         "max_answer": pd.array([3, None], dtype="Int64")})
+    a, b = chat_examples(tok, rows, QLoRAConfig())
+    assert a == (ids, labels) and b[0] == full
+
+
+def test_bf16_autocast_training_runs_and_records_it(ckpt, tmp_path):
+    cfg = QLoRAConfig(r=4, steps=2, batch_size=2, eval_every=1, warmup=1, device="cpu", dtype="bf16")
+    r = finetune_qlora(ckpt, tmp_path/"a", cfg, PAIRS, {"x": PAIRS.head(2), "y": PAIRS.tail(2)}, progress=False)
+    assert r.record["hardware"]["autocast"] == "torch.bfloat16" and set(r.record["dev_loss_by_set"]) == {"x", "y"}
+    assert r.record["dev_examples"] == {"x": 2, "y": 2}
+
+
+def test_recipes_name_their_base_and_the_shipped_records_match():
+    from bankllm.training import RECIPES
+    for version, (base, cfg, mix) in QLORA_RECIPES.items():
+        assert base in RECIPES and (mix is None or mix == RECIPES[base][2])
+        rec = adapter_record(version)
+        assert rec["base"] == base and rec["steps"] == cfg.steps
+        assert {k: v for k, v in rec["config"].items() if k not in ("device", "dtype")} == \
+               {k: v for k, v in asdict(cfg).items() if k not in ("device", "dtype")}
+    with pytest.raises(ValueError, match="known are"): finetune_recipe("qlora_vllm_finetuned_model_v9.9.9")
+
+
 def test_finetune_learns_and_the_saved_adapter_reloads_exactly(ckpt, tmp_path):
     cfg = QLoRAConfig(r=8, alpha=16, dropout=0.0, steps=30, batch_size=4, lr=1e-2, grad_clip=1.0, warmup=2,
-                      eval_every=10, device="cpu")
+                      eval_every=10, device="cpu", dtype="fp32")  # fp32: the reload below must match to 1e-3
     r = finetune_qlora(ckpt, tmp_path/"adapter", cfg, PAIRS, PAIRS, progress=False, version="qlora_test_v0")
     dev = [h["dev_loss"] for h in r.history if "dev_loss" in h]
     before = r.history[0]["loss"]  # step 0: B = 0, so this is the base's loss on all four pairs (the dev set too)
     assert dev[-1] < before - 0.5, (before, dev)  # a random tiny base learns the four answers
+    # the record's per-set losses: the base alone (adapter disabled) is where training started, adapted where it ended
+    assert r.record["dev_loss_by_set"]["dev"] == pytest.approx(dict(base=before, adapted=dev[-1]), abs=1e-3)
+    assert r.record["dev_examples"] == {"dev": 4} and r.record["hardware"]["autocast"] == "None"
     files = {p.name for p in (tmp_path/"adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "training.json"} <= files
     assert adapter_base(tmp_path/"adapter") == str(ckpt)  # the name the caller gave, not a cache path

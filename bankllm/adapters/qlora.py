@@ -21,7 +21,7 @@ from .base import (AdapterError, AdapterTimeoutError, BadRequestError, Generatio
 from ..config import get_config
 from ..data import PlaceholderFiller, chat_messages, file_sha256
 from ..evaluation import dev_goals, load_quality, save_quality
-from ..qlora import adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
+from ..qlora import SHIPPED_QLORA_VERSION, adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
 from ..training import find_artifact
 from ..transformer import _next_token
 
@@ -49,7 +49,7 @@ class QLoRAAdapter(ModelAdapter):
     def __init__(self, version:str|None=None, config=None,
                  engine:str|None=None,              # "vllm" | "transformers" | "openai"; default: the setting (auto)
                  fill_placeholders:bool|None=None): # default: the `fill_placeholders` setting
-        super().__init__(version or "qlora_vllm_finetuned_model_v1.0.0", config)
+        super().__init__(version or SHIPPED_QLORA_VERSION, config)
         s = self.config
         self.engine = pick_engine(engine or s.qlora_engine, s.qlora_remote_url)
         self.adapter = _adapter_for(self.version, s)
@@ -380,7 +380,7 @@ async def _health(self:QLoRAAdapter):
 # %% ../../nbs/13_qlora_adapter.ipynb #eeaccb17
 def _adapter_sha256(adapter)->str: return file_sha256(adapter_dir(adapter)/"adapter_model.safetensors")
 
-async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", # shipped name or folder
+async def evaluate_adapter(adapter:str=SHIPPED_QLORA_VERSION, # shipped name or folder
                            data_dir=None, save:bool=True, config=None, progress:bool=False)->pd.DataFrame:
     "Dev quality of a QLoRA adapter (transformers engine) on the four dev sets (`dev_goals`); saved with the adapter"
     cfg = (config or get_config()).model_copy(update=dict(qlora_adapter=str(adapter)))
@@ -390,6 +390,6 @@ async def evaluate_adapter(adapter:str="qlora_vllm_finetuned_model_v1.0.0", # sh
     if save: save_quality(table, adapter_dir(adapter)/"dev_quality.json", adapter_sha256=_adapter_sha256(adapter))
     return table
 
-def stored_adapter_quality(adapter:str="qlora_vllm_finetuned_model_v1.0.0")->pd.DataFrame:
+def stored_adapter_quality(adapter:str=SHIPPED_QLORA_VERSION)->pd.DataFrame:
     "The stored dev-quality table of an adapter; an error if the adapter changed since it was measured"
     return load_quality(adapter_dir(adapter)/"dev_quality.json", adapter_sha256=_adapter_sha256(adapter))
