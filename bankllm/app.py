@@ -492,7 +492,7 @@ def create_app(pipeline:BankingLLMPipeline|None=None, # default: built from `con
 # %% ../nbs/50_app.ipynb #c16c9d46
 Pipe = Annotated[BankingLLMPipeline, Depends(_pipe)]
 
-def _state(request:Request)->_State: return request.app.state.bankllm
+async def _state(request:Request)->_State: return request.app.state.bankllm  # async: a sync dependency would run in a thread
 State = Annotated[_State, Depends(_state)]
 
 chat_router = APIRouter(tags=["chat"])
