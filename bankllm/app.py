@@ -6,32 +6,39 @@ Docs: https://bankllm.github.io/bankllm/app.html.md"""
 
 # %% auto #0
 __all__ = ['log', 'MAX_MESSAGE_CHARS', 'MAX_TOKENS_LIMIT', 'MAX_BODY_BYTES', 'MAX_MESSAGES', 'REDACTED_LOGGERS', 'Text',
-           'ShortText', 'Message', 'MaxTokens', 'Temperature', 'StrictBool', 'luhn_ok', 'iban_ok', 'mask_sensitive',
-           'RedactFilter', 'install_redaction', 'error_body', 'error_response', 'ChatRequest', 'TextPart',
-           'OpenAIMessage', 'StreamOptions', 'ChatCompletionRequest', 'RequestContext', 'prometheus_text',
-           'resolve_model', 'ClientDisconnected', 'require_admin', 'create_app', 'api_overhead']
+           'ShortText', 'Message', 'MaxTokens', 'Temperature', 'StrictBool', 'METRICS_CONTENT_TYPE', 'Pipe', 'State',
+           'chat_router', 'openai_router', 'benchmark_router', 'admin_router', 'operations_router', 'ROUTERS',
+           'luhn_ok', 'iban_ok', 'mask_sensitive', 'RedactFilter', 'install_redaction', 'error_body', 'error_response',
+           'ChatRequest', 'TextPart', 'OpenAIMessage', 'StreamOptions', 'ChatCompletionRequest', 'RequestContext',
+           'http_responses_counter', 'metrics_text', 'resolve_model', 'ClientDisconnected', 'require_admin',
+           'create_app', 'chat', 'openai_models', 'chat_completions', 'benchmark_summary', 'benchmark_run', 'switch',
+           'models', 'health', 'ready', 'metrics', 'api_overhead']
 
 # %% ../nbs/50_app.ipynb #bd799aec
-import asyncio, contextlib, hmac, json, logging, re, secrets, time, uuid
+import asyncio, contextlib, hmac, json, logging, re, time, uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
+import httpx
 import pandas as pd
-from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
+from annotated_types import Ge, Le
+from fastapi import APIRouter, Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from annotated_types import Ge, Le
+from fastapi_offline import FastAPIOffline
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .adapters.base import (AdapterError, BadRequestError, EchoAdapter, ModelAdapter, ModelUnavailableError,
-                                   has_visible_text)
-from .benchmark import _jsonable, latency_stats, machine_info
+from .adapters.base import AdapterError, BadRequestError, ModelAdapter, has_visible_text
+from .benchmark import paired_latency
 from .config import Settings, get_config
 from .data import SPECIAL_TOKENS
 from .factory import DEFAULT_VERSIONS, ModelFactory, UnknownModelError, parse_version
 from .pipeline import PIPELINE_VERSION, BankingLLMPipeline, PipelineResult, PipelineStream
+from .records import to_jsonable
+from .testing import EchoAdapter
 
 # %% ../nbs/50_app.ipynb #b507fe50
 log = logging.getLogger(__name__)
@@ -207,9 +214,9 @@ async def _read_body(receive, limit:int)->bytes|None:
         if not msg.get("more_body"): return b"".join(parts)
 
 class RequestContext:
-    "ASGI middleware: request ids, a body-size limit, response counts, and a JSON 500 for unhandled errors"
-    def __init__(self, app, max_body:int=MAX_BODY_BYTES):
-        self.app, self.max_body, self.responses = app, max_body, {}
+    "ASGI middleware: request ids, a body-size limit, response counts (a Prometheus `Counter` by `code`), and a JSON 500 for unhandled errors"
+    def __init__(self, app, responses:Counter, max_body:int=MAX_BODY_BYTES):
+        self.app, self.max_body, self.responses = app, max_body, responses
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
@@ -243,65 +250,21 @@ class RequestContext:
         except Exception:
             log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), rid)
             if not started: await self._send_error(send_, 500, "internal error: quote the request id when reporting it", rid)
-        finally: self.responses[status] = self.responses.get(status, 0) + 1
+        finally: self.responses.labels(str(status)).inc()
 
     async def _send_error(self, send, status, message, rid):
         await JSONResponse(error_body(status, message, rid), status_code=status)({"type": "http"}, None, send)
 
 # %% ../nbs/50_app.ipynb #4c748e1b
-def _label(v)->str: return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format `generate_latest` writes
 
-def _num(v)->str:
-    return "+Inf" if v == float("inf") else repr(float(v)) if isinstance(v, float) else str(int(v))
+def http_responses_counter(registry:CollectorRegistry)->Counter:
+    "The counter of HTTP responses by status code, in `registry`"
+    return Counter("bankllm_http_responses", "HTTP responses, by status code.", ["code"], registry=registry)
 
-def prometheus_text(metrics:dict,                 # `pipeline.get_metrics()`
-                    responses:dict|None=None,     # HTTP responses by status code
-                   )->str:
-    "The pipeline's live-traffic metrics in the Prometheus text exposition format"
-    out = []
-    def family(name, kind, help_, samples):
-        out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-        for labels, v in samples:
-            lab = ",".join(f'{k}="{_label(x)}"' for k, x in labels.items())
-            out.append(f"{name}{{{lab}}} {_num(v)}" if lab else f"{name} {_num(v)}")
-    models = metrics.get("models", {})
-    family("bankllm_requests_total", "counter", "Requests answered or failed, by model.",
-           [({"model": m}, d["requests"]) for m, d in models.items()])
-    family("bankllm_request_errors_total", "counter", "Failed requests, by model and error type.",
-           [({"model": m, "type": t}, n) for m, d in models.items() for t, n in d["errors_by_type"].items()])
-    family("bankllm_generated_tokens_total", "counter", "Tokens generated, by model.",
-           [({"model": m}, d["tokens"]) for m, d in models.items()])
-    family("bankllm_prompt_tokens_total", "counter", "Prompt tokens read, by model.",
-           [({"model": m}, d["prompt_tokens"]) for m, d in models.items()])
-    hist = []
-    for m, d in models.items():
-        hist += [({"model": m, "le": _num(float(le))}, n) for le, n in d["latency_buckets"].items()]
-        hist += [({"model": m, "le": "+Inf"}, d["latency_count"])]
-    out.extend(["# HELP bankllm_request_latency_seconds Latency of successful requests, by model.",
-                "# TYPE bankllm_request_latency_seconds histogram"])
-    for labels, v in hist: out.append(f'bankllm_request_latency_seconds_bucket{{model="{_label(labels["model"])}",le="{labels["le"]}"}} {v}')
-    for m, d in models.items():
-        out.append(f'bankllm_request_latency_seconds_sum{{model="{_label(m)}"}} {_num(float(d["latency_sum_s"]))}')
-        out.append(f'bankllm_request_latency_seconds_count{{model="{_label(m)}"}} {d["latency_count"]}')
-    family("bankllm_in_flight_requests", "gauge", "Requests being answered now.", [({}, metrics.get("in_flight", 0))])
-    family("bankllm_pipeline_requests_total", "counter", "Requests numbered by the pipeline.", [({}, metrics.get("requests_total", 0))])
-    family("bankllm_active_model_info", "gauge", "The active model (value 1).", [({"model": metrics.get("active_model", "")}, 1)])
-    queues = metrics.get("queues", {})
-    family("bankllm_queue_waiting", "gauge", "Requests waiting in a model's admission queue.",
-           [({"model": m}, q["waiting"]) for m, q in queues.items()])
-    family("bankllm_queue_running", "gauge", "Requests a model is answering now.", [({"model": m}, q["running"]) for m, q in queues.items()])
-    family("bankllm_requests_shed_total", "counter", "Requests refused at once (429) because a model's queue was full.",
-           [({"model": m}, q["shed"]) for m, q in queues.items()])
-    family("bankllm_model_evictions_total", "counter", "Idle models evicted from the cache (BANKLLM_MAX_MODELS).",
-           [({}, metrics.get("evictions", 0))])
-    b = metrics.get("benchmark", {})
-    family("bankllm_benchmark_rounds_total", "counter", "Benchmark rounds started.", [({}, b.get("rounds_started", 0))])
-    family("bankllm_benchmark_triggers_coalesced_total", "counter", "Benchmark triggers folded into a round in flight.",
-           [({}, b.get("triggers_coalesced", 0))])
-    if responses is not None:
-        family("bankllm_http_responses_total", "counter", "HTTP responses, by status code.",
-               [({"code": c}, n) for c, n in sorted(responses.items())])
-    return "\n".join(out) + "\n"
+def metrics_text(*registries:CollectorRegistry)->bytes:
+    "The Prometheus text exposition of every metric in `registries`"
+    return b"".join(generate_latest(r) for r in registries)
 
 # %% ../nbs/50_app.ipynb #1665cd8a
 def _is_active(pipe:BankingLLMPipeline, name:str|None)->bool:
@@ -344,9 +307,10 @@ async def _unless_disconnected(request:Request, coro):
 
 # %% ../nbs/50_app.ipynb #a23cd0c1
 class _State:
-    "What the routes share: the pipeline, the settings, the start time"
+    "What the routes share: the pipeline, the settings, the start time, the app's metrics"
     def __init__(self, pipeline:BankingLLMPipeline|None, config:Settings):
         self.pipeline, self.config, self.started = pipeline, config, time.time()
+        self.registry = CollectorRegistry()  # the app's own metrics (HTTP responses); the pipeline has its own
         self.load_error: str|None = None
         self.lock = asyncio.Lock()
 
@@ -489,7 +453,7 @@ async def _sse_stream(s:PipelineStream, first:str|None, it:AsyncIterator, cid:st
                         "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
     except AdapterError as e:  # headers are gone: the error travels as an event, as OpenAI's API does
         yield _sse(error_body(e.status_code, mask_sensitive(e.message, secrets_), cid))
-    except Exception as e:
+    except Exception:
         log.exception("stream %s failed", cid)
         yield _sse(error_body(500, "internal error while streaming", cid))
     finally:
@@ -516,143 +480,139 @@ def create_app(pipeline:BankingLLMPipeline|None=None, # default: built from `con
         finally:
             if state.pipeline is not None: await state.pipeline.drain(timeout=drain_timeout_s)
 
-    app = FastAPI(title="bankllm", version=PIPELINE_VERSION, lifespan=lifespan,
-                  description="A retail-banking assistant: chat, OpenAI-compatible completions, benchmark, model switching.")
+    app = FastAPIOffline(title="bankllm", version=PIPELINE_VERSION, lifespan=lifespan,  # /docs without a CDN
+                         description="A retail-banking assistant: chat, OpenAI-compatible completions, benchmark, model switching.")
     app.state.bankllm = state
     install_redaction(_secret_values(config))
     _install_handlers(app)
-    ctx: list[RequestContext] = []
-    def _ctx(app, **kw):
-        m = RequestContext(app, **kw); ctx.append(m); return m
-    app.add_middleware(_ctx)
-    state.responses = lambda: ctx[0].responses if ctx else {}
-    _add_routes(app, state)
+    app.add_middleware(RequestContext, responses=http_responses_counter(state.registry))
+    for router in ROUTERS: app.include_router(router)
     return app
 
 # %% ../nbs/50_app.ipynb #c16c9d46
-def _add_routes(app:FastAPI, state:_State):
-    Pipe = Annotated[BankingLLMPipeline, Depends(_pipe)]
-    admin = [Depends(require_admin)]
+Pipe = Annotated[BankingLLMPipeline, Depends(_pipe)]
 
-    @app.post("/api/v1/chat", tags=["chat"])
-    async def chat(body:ChatRequest, request:Request, pipe:Pipe)->dict:
-        "Answer a customer's message with the active model"
-        _log_request(request, "chat", body.message, pipe.active_version)
-        r = await _unless_disconnected(request, pipe.generate(body.message, conversation_id=body.conversation_id,
-                                                              max_tokens=body.max_tokens or pipe.config.default_max_tokens,
-                                                              temperature=body.temperature))
-        return _jsonable(r.to_dict())
+async def _state(request:Request)->_State: return request.app.state.bankllm  # async: a sync dependency would run in a thread
+State = Annotated[_State, Depends(_state)]
 
-    @app.get("/api/v1/benchmark/summary", tags=["benchmark"])
-    async def benchmark_summary(pipe:Pipe, request:Request, from_log:Annotated[bool, Query()]=False)->dict:
-        "The benchmark summary: fastest and best-quality models, per-model numbers; `from_log=true` (admin) reads the whole log"
-        if from_log: await require_admin(request)  # the log holds every process's rounds: an admin's read
-        s = await asyncio.to_thread(pipe.get_benchmark_summary, from_log) if from_log else pipe.get_benchmark_summary()
-        return _jsonable(s)
+chat_router = APIRouter(tags=["chat"])
 
-    @app.post("/api/v1/benchmark/run", tags=["benchmark", "admin"], dependencies=admin)
-    async def benchmark_run(pipe:Pipe, wait:Annotated[bool, Query()]=True):
-        "Run a comparative benchmark round now (or join the one in flight)"
-        if wait: return _jsonable(await pipe.run_benchmark_round())
-        rd = pipe._trigger("manual")  # starts the round's task now (or joins the one in flight), so a shutdown drains it
-        return JSONResponse({"status": "started", "round": rd.seq, "summary": "/api/v1/benchmark/summary"}, status_code=202)
+@chat_router.post("/api/v1/chat")
+async def chat(body:ChatRequest, request:Request, pipe:Pipe)->dict:
+    "Answer a customer's message with the active model"
+    _log_request(request, "chat", body.message, pipe.active_version)
+    r = await _unless_disconnected(request, pipe.generate(body.message, conversation_id=body.conversation_id,
+                                                          max_tokens=body.max_tokens or pipe.config.default_max_tokens,
+                                                          temperature=body.temperature))
+    return to_jsonable(r.to_dict())
 
-    @app.post("/api/v1/model/switch/{model_version}", tags=["admin"], dependencies=admin)
-    async def switch(pipe:Pipe, request:Request, model_version:Annotated[str, PathParam(max_length=200)]):
-        "Make `model_version` the active model if it is healthy; otherwise keep the current one"
-        res = await pipe.switch_model(model_version, known_only=True)
-        if res.ok: state.load_error = None
-        body = res.to_dict()
-        if not res.ok:
-            body["reason"] = mask_sensitive(body["reason"] or "", _secret_values(state.config))
-            body["error"] = error_body(res.status_code, body["reason"], request.state.request_id)["error"]
-        return JSONResponse(body, status_code=res.status_code)
+# %% ../nbs/50_app.ipynb #3b45b5d8
+openai_router = APIRouter(tags=["openai"])
 
-    @app.get("/api/v1/models", tags=["models"])
-    async def models(pipe:Pipe)->dict:
-        "Registered models: which is active, which can serve, and why not"
-        return {"active": pipe.active_version, "models": await _models_status(pipe)}
+@openai_router.get("/v1/models")
+async def openai_models(pipe:Pipe, state:State)->dict:
+    "The OpenAI model list: the active model first, each registered family's default version, then the other known versions"
+    families = set(ModelFactory.available())
+    names = dict.fromkeys([pipe.active_version] + [DEFAULT_VERSIONS.get(f, f) for f in ModelFactory.available()]
+                          + [v for v in ModelFactory.known_versions(pipe.config) if v not in families])
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": int(state.started), "owned_by": "bankllm"}
+                                       for n in names]}
 
-    @app.get("/health", tags=["probes"])
-    async def health()->dict:
-        "Liveness: the process answers"
-        return {"status": "ok", "uptime_s": round(time.time() - state.started, 1)}
+@openai_router.post("/v1/chat/completions")
+async def chat_completions(body:ChatCompletionRequest, request:Request, pipe:Pipe, state:State):
+    "OpenAI-compatible chat completion (plain, or `stream=true` as server-sent events)"
+    prompt = body.prompt()
+    adapter = await resolve_model(pipe, body.model)
+    kw = dict(max_tokens=body.max_completion_tokens or body.max_tokens or pipe.config.default_max_tokens,
+              temperature=0.7 if body.temperature is None else body.temperature)
+    _log_request(request, "chat.completions", prompt, adapter.version if adapter else pipe.active_version)
+    cid, created = f"chatcmpl-{request.state.request_id}", int(time.time())
+    if not body.stream:
+        r = await _unless_disconnected(request, _generate_with(pipe, adapter, prompt, **kw))
+        return to_jsonable(_completion(r, cid, created))
+    s = _stream_with(pipe, adapter, prompt, **kw)
+    it = aiter(s)
+    try: first = await anext(it, None)  # fail before the headers go: a backend error is still a real status code
+    except BaseException:
+        await it.aclose(); await s.aclose(); raise
+    include = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(_sse_stream(s, first, it, cid, created, include, _secret_values(state.config)),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/ready", tags=["probes"])
-    async def ready(pipe:Pipe):
-        "Readiness: the active model is loaded and healthy"
-        ok = state.load_error is None and await pipe.model.health_check()
-        reason = state.load_error or pipe.model.health_reason
-        body = {"status": "ready" if ok else "not ready", "model": pipe.active_version,
-                "reason": None if ok else mask_sensitive(reason or "unhealthy", _secret_values(state.config))}
-        return JSONResponse(body, status_code=200 if ok else 503)
+# %% ../nbs/50_app.ipynb #d5210a22
+benchmark_router = APIRouter(tags=["benchmark"])
 
-    @app.get("/metrics", tags=["probes"], response_class=PlainTextResponse)
-    async def metrics(pipe:Pipe):
-        "Prometheus metrics"
-        return PlainTextResponse(prometheus_text(pipe.get_metrics(), state.responses()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+@benchmark_router.get("/api/v1/benchmark/summary")
+async def benchmark_summary(pipe:Pipe, request:Request, from_log:Annotated[bool, Query()]=False)->dict:
+    "The benchmark summary: fastest and best-quality models, per-model numbers; `from_log=true` (admin) reads the whole log"
+    if from_log: await require_admin(request)
+    s = await asyncio.to_thread(pipe.get_benchmark_summary, from_log) if from_log else pipe.get_benchmark_summary()
+    return to_jsonable(s)
 
-    @app.get("/v1/models", tags=["openai"])
-    async def openai_models(pipe:Pipe)->dict:
-        "The OpenAI model list: the active model first, each registered family's default version, then the other known versions"
-        families = set(ModelFactory.available())
-        names = dict.fromkeys([pipe.active_version] + [DEFAULT_VERSIONS.get(f, f) for f in ModelFactory.available()]
-                              + [v for v in ModelFactory.known_versions(pipe.config) if v not in families])
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": int(state.started), "owned_by": "bankllm"}
-                                           for n in names]}
+@benchmark_router.post("/api/v1/benchmark/run", tags=["admin"], dependencies=[Depends(require_admin)])
+async def benchmark_run(pipe:Pipe, wait:Annotated[bool, Query()]=True):
+    "Run a comparative benchmark round now (or join the one in flight)"
+    if wait: return to_jsonable(await pipe.run_benchmark_round())
+    rd = pipe.start_benchmark_round()
+    return JSONResponse({"status": "started", "round": rd.seq, "summary": "/api/v1/benchmark/summary"}, status_code=202)
 
-    @app.post("/v1/chat/completions", tags=["openai"])
-    async def chat_completions(body:ChatCompletionRequest, request:Request, pipe:Pipe):
-        "OpenAI-compatible chat completion (plain, or `stream=true` as server-sent events)"
-        prompt = body.prompt()
-        adapter = await resolve_model(pipe, body.model)
-        kw = dict(max_tokens=body.max_completion_tokens or body.max_tokens or pipe.config.default_max_tokens,
-                  temperature=0.7 if body.temperature is None else body.temperature)
-        _log_request(request, "chat.completions", prompt, adapter.version if adapter else pipe.active_version)
-        cid, created = f"chatcmpl-{request.state.request_id}", int(time.time())
-        if not body.stream:
-            r = await _unless_disconnected(request, _generate_with(pipe, adapter, prompt, **kw))
-            return _jsonable(_completion(r, cid, created))
-        s = _stream_with(pipe, adapter, prompt, **kw)
-        it = aiter(s)
-        try: first = await anext(it, None)  # fail before the headers go: a backend error is still a real status code
-        except BaseException:
-            await it.aclose(); await s.aclose(); raise
-        include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse_stream(s, first, it, cid, created, include, _secret_values(state.config)),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+# %% ../nbs/50_app.ipynb #f24dcc44
+admin_router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
+
+@admin_router.post("/api/v1/model/switch/{model_version}")
+async def switch(pipe:Pipe, state:State, request:Request, model_version:Annotated[str, PathParam(max_length=200)]):
+    "Make `model_version` the active model if it is healthy; otherwise keep the current one"
+    res = await pipe.switch_model(model_version, known_only=True)
+    if res.ok: state.load_error = None
+    body = res.to_dict()
+    if not res.ok:
+        body["reason"] = mask_sensitive(body["reason"] or "", _secret_values(state.config))
+        body["error"] = error_body(res.status_code, body["reason"], request.state.request_id)["error"]
+    return JSONResponse(body, status_code=res.status_code)
+
+# %% ../nbs/50_app.ipynb #62f3a4fe
+operations_router = APIRouter()
+
+@operations_router.get("/api/v1/models", tags=["models"])
+async def models(pipe:Pipe)->dict:
+    "Registered models: which is active, which can serve, and why not"
+    return {"active": pipe.active_version, "models": await _models_status(pipe)}
+
+@operations_router.get("/health", tags=["probes"])
+async def health(state:State)->dict:
+    "Liveness: the process answers"
+    return {"status": "ok", "uptime_s": round(time.time() - state.started, 1)}
+
+@operations_router.get("/ready", tags=["probes"])
+async def ready(pipe:Pipe, state:State):
+    "Readiness: the active model is loaded and healthy"
+    ok = state.load_error is None and await pipe.model.health_check()
+    reason = state.load_error or pipe.model.health_reason
+    body = {"status": "ready" if ok else "not ready", "model": pipe.active_version,
+            "reason": None if ok else mask_sensitive(reason or "unhealthy", _secret_values(state.config))}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+@operations_router.get("/metrics", tags=["probes"], response_class=PlainTextResponse)
+async def metrics(pipe:Pipe, state:State):
+    "Prometheus metrics"
+    return PlainTextResponse(metrics_text(pipe.metrics.registry, state.registry), media_type=METRICS_CONTENT_TYPE)
+
+ROUTERS = (chat_router, openai_router, benchmark_router, admin_router, operations_router)
 
 # %% ../nbs/50_app.ipynb #53ae121f
 async def api_overhead(n:int=1000,    # timed requests per path (≥ 1000 for a real p99)
                        warmup:int=100, # untimed requests per path first
                       )->pd.DataFrame:
     "Latency (µs) of an instant adapter through the pipeline directly and through the HTTP API, in-process"
-    import httpx
     cfg = get_config(enable_benchmarking=False, llm_model_version="echo")
     pipe = await BankingLLMPipeline.create(cfg, model=EchoAdapter("echo_overhead", cfg))
-    app = create_app(pipe)
     q = "What are the ATM withdrawal fees?"
-    samples = {"pipeline.generate": [], "POST /api/v1/chat": [], "POST /v1/chat/completions": []}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bankllm") as c:
-        calls = {"pipeline.generate": lambda: pipe.generate(q, max_tokens=16, temperature=0),
-                 "POST /api/v1/chat": lambda: c.post("/api/v1/chat", json={"message": q, "max_tokens": 16, "temperature": 0}),
-                 "POST /v1/chat/completions": lambda: c.post("/v1/chat/completions", json={
-                     "messages": [{"role": "user", "content": q}], "max_tokens": 16, "temperature": 0})}
-        names = list(calls)
-        for i in range(warmup + n):
-            for name in (names if i % 2 else names[::-1]):
-                t0 = time.perf_counter(); r = await calls[name]()
-                if name != "pipeline.generate" and r.status_code != 200: raise RuntimeError(f"{name}: {r.status_code} {r.text}")
-                if i >= warmup: samples[name].append((time.perf_counter() - t0) * 1e6)
-    rows = []
-    for name, xs in samples.items():
-        s = latency_stats(xs)
-        rows.append(dict(path=name, n=s["n"], p50_us=s["latency_p50_ms"], p99_us=s["latency_p99_ms"], mean_us=s["latency_mean_ms"]))
-    base = rows[0]
-    for r in rows[1:]:
-        rows.append(dict(path=f"overhead of {r['path']}", n=r["n"], p50_us=r["p50_us"]-base["p50_us"],
-                         p99_us=r["p99_us"]-base["p99_us"], mean_us=r["mean_us"]-base["mean_us"]))
-    df = pd.DataFrame(rows)
-    df.attrs.update(machine=machine_info(), timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    return df
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(pipe)), base_url="http://bankllm") as c:
+        async def post(path, body):
+            r = await c.post(path, json=body)
+            if r.status_code != 200: raise RuntimeError(f"{path}: {r.status_code} {r.text}")
+        return await paired_latency({
+            "pipeline.generate": lambda: pipe.generate(q, max_tokens=16, temperature=0),
+            "POST /api/v1/chat": lambda: post("/api/v1/chat", {"message": q, "max_tokens": 16, "temperature": 0}),
+            "POST /v1/chat/completions": lambda: post("/v1/chat/completions", {
+                "messages": [{"role": "user", "content": q}], "max_tokens": 16, "temperature": 0})}, n, warmup)

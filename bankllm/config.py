@@ -105,9 +105,13 @@ class Settings(BaseSettings):
     gemini_max_retry_s: float = Field(30.0, ge=0) # total time budget for the retries
     gemini_logprobs: bool = False       # ask for token log-probs (confidence); several models reject it with a 400
 
-    @field_validator("cache_dir", "data_dir", "benchmark_log", "custom_checkpoint")
+    @field_validator("benchmark_log", "custom_checkpoint")
     @classmethod
     def _expand(cls, v): return None if v is None else Path(v).expanduser()
+
+    @field_validator("data_dir", "cache_dir")
+    @classmethod
+    def _absolute(cls, v): return None if v is None else Path(v).expanduser().absolute()  # once, from the cwd of now
 
     @field_validator("models", "checkpoint_dirs", mode="before")
     @classmethod

@@ -14,13 +14,12 @@ __all__ = ['CHAT_TEMPLATE', 'RECIPES', 'SHIPPED_VERSION', 'SHIPPED_MODEL_CONFIG'
 
 # %% ../nbs/04_training.ipynb #68e11aea
 import inspect, json, math, os, platform, random, time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_model, save_model, save_file
 from tqdm.auto import tqdm
 

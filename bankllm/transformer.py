@@ -377,6 +377,7 @@ def stream_generate(self:BankingLLM,
     fast = not (self.training and self.config.dropout > 0)  # decode_step has no dropout
     dw = self.decode_weights() if use_cache and fast else None  # checked once: weights do not change mid-answer
     cache = self.new_cache(1, dev) if use_cache else None
+    tok = None  # the latest token: step 0 sets it, later steps feed it back
     for step in range(max_new_tokens):
         if n >= bs: return
         if not use_cache: logits = self(ids)[0][0, -1]  # recompute everything

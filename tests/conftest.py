@@ -10,7 +10,7 @@ if "BANKLLM_DATA_DIR" not in os.environ and _shared.is_dir(): os.environ["BANKLL
 # the tests never read a developer's env file or real keys by accident
 for k in ("BANKLLM_ENV_FILE", "GEMINI_API_KEY", "GOOGLE_API_KEY"): os.environ.pop(k, None)
 
-from bankllm.adapters.base import EchoAdapter  # noqa: E402
+from bankllm.testing import EchoAdapter  # noqa: E402
 from bankllm.benchmark import BenchmarkSuite  # noqa: E402
 from bankllm.factory import ModelFactory  # noqa: E402
 

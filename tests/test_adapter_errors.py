@@ -3,9 +3,9 @@ import asyncio
 
 import pytest
 
-from bankllm.adapters.base import (AdapterError, AdapterTimeoutError, EchoAdapter, ModelUnavailableError,
-                                   RateLimitedError, iterate_in_thread)
+from bankllm.adapters.base import AdapterError, AdapterTimeoutError, ModelUnavailableError, RateLimitedError, iterate_in_thread
 from bankllm.config import get_config
+from bankllm.testing import EchoAdapter
 
 
 async def test_a_crashing_backend_is_a_502_naming_the_cause_and_is_counted():

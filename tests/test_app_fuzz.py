@@ -11,7 +11,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")
 from hypothesis import HealthCheck, settings
 
-from bankllm.adapters.base import EchoAdapter
+from bankllm.testing import EchoAdapter
 from bankllm.app import create_app
 from bankllm.benchmark import BenchmarkSuite
 from bankllm.config import get_config

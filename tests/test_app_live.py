@@ -8,7 +8,8 @@ import openai
 import pytest
 import uvicorn
 
-from bankllm.adapters.base import EchoAdapter, percentile
+from bankllm.records import percentile
+from bankllm.testing import EchoAdapter
 from bankllm.app import create_app
 from bankllm.benchmark import BenchmarkSuite
 from bankllm.config import get_config

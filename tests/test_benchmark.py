@@ -5,10 +5,11 @@ import matplotlib
 matplotlib.use("Agg")
 import pytest
 
-from bankllm.adapters.base import EchoAdapter
-from bankllm.benchmark import (P99_MIN_SAMPLES, BenchmarkSuite, append_jsonl, benchmark_model, concurrency_sweep,
-                               format_table, latency_stats, pipeline_overhead, read_jsonl, results_frame, run_benchmark,
-                               summarize_rounds)
+from bankllm.testing import EchoAdapter
+from bankllm.benchmark import (BenchmarkSuite, benchmark_model, concurrency_sweep, format_table, paired_latency,
+                               results_frame, run_benchmark, summarize_rounds)
+from bankllm.pipeline import pipeline_overhead
+from bankllm.records import P99_MIN_SAMPLES, append_jsonl, latency_stats, read_jsonl
 
 def test_p99_only_from_enough_samples():
     few = latency_stats(range(1, P99_MIN_SAMPLES))             # 99 samples
@@ -88,8 +89,24 @@ def test_processes_appending_to_one_log_never_interleave(tmp_path):
 # --- pipeline overhead ------------------------------------------------------------------------------------------
 async def test_pipeline_overhead_measures_both_paths():
     df = await pipeline_overhead(n=200, warmup=20)
-    assert list(df.path) == ["adapter direct", "through pipeline", "overhead (pipeline - direct)"]
-    assert list(df.n) == [200, 200, 200] and df.p99_us.notna().all()
+    assert list(df.path) == ["adapter direct", "through pipeline", "through pipeline - adapter direct"]
+    assert list(df.n) == [200, 200, 200] and df.p99_us.notna().all() and df.paired_p50_us.iloc[2] is not None
+
+async def test_paired_latency_reports_microseconds_and_alternates_the_order():
+    order = []
+    async def a(): order.append("a")
+    async def b(): order.append("b")
+    df = await paired_latency({"a": a, "b": b}, n=4, warmup=1)
+    assert order == ["b", "a", "a", "b"] * 2 + ["b", "a"]  # the order alternates from one pair to the next
+    assert list(df.columns) == ["path", "n", "p50_us", "p99_us", "mean_us", "paired_p50_us"]
+    assert df.p99_us.isna().all()  # 4 samples: no p99 (fewer than P99_MIN_SAMPLES)
+
+def test_the_table_says_why_quality_is_missing():
+    rec = {"model_version": "echo", "status": "ok", "reason": None, "errors": 0, **latency_stats([1.0, 2.0]),
+           "ttft_p50_ms": None, "tokens_per_s": None, "topic_accuracy": None, "rouge_l": None, "quality_n": 0,
+           "quality_reason": "no dev data: BANKING77 data not found: /x/banking77/train.csv does not exist"}
+    txt = format_table(results_frame([rec]))
+    assert "Quality not measured: no dev data: BANKING77 data not found" in txt and "Quality on 0" not in txt
 
 
 def test_the_dev_sample_draws_from_every_eval_set():

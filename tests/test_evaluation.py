@@ -4,7 +4,7 @@ import itertools, random, subprocess, sys
 import numpy as np
 import pytest
 
-from bankllm.adapters.base import EchoAdapter
+from bankllm.testing import EchoAdapter
 from bankllm.data import bitext_pairs
 from bankllm.evaluation import (IntentClassifier, RetrievalAdapter, Tfidf, evaluate, lcs_length, quality_table,
                                 retrieval_baseline, rouge_l, score_answers, top_confusions, truncate_words)

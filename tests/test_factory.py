@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bankllm.adapters.base import EchoAdapter, ModelUnavailableError
+from bankllm.adapters.base import ModelUnavailableError
+from bankllm.testing import EchoAdapter
 from bankllm.config import get_config
 from bankllm.factory import DEFAULT_VERSIONS, ModelFactory, parse_version
 

@@ -3,8 +3,10 @@ import asyncio, json
 
 import pytest
 
-from bankllm.adapters.base import EchoAdapter, Generation
-from bankllm.benchmark import BenchmarkSuite, read_jsonl
+from bankllm.adapters.base import Generation
+from bankllm.benchmark import BenchmarkSuite
+from bankllm.records import read_jsonl
+from bankllm.testing import EchoAdapter
 from bankllm.config import get_config
 from bankllm.factory import ModelFactory
 from bankllm.pipeline import BankingLLMPipeline, PipelineResult, PipelineStream

@@ -18,11 +18,12 @@ import uvicorn
 
 import bankllm.adapters.custom as custom_mod
 import bankllm.adapters.qlora as qlora_mod
-from bankllm.adapters.base import EchoAdapter, Generation, process_rss_mb
+from bankllm.adapters.base import Generation, process_rss_mb
 from bankllm.app import create_app, mask_sensitive
 from bankllm.config import get_config
 from bankllm.factory import ModelFactory
 from bankllm.pipeline import BankingLLMPipeline
+from bankllm.testing import EchoAdapter
 from bankllm.training import checkpoints_dir
 from conftest import FAST
 from test_app_live import LiveServer
@@ -239,7 +240,7 @@ async def test_flood_is_shed_with_429_beyond_the_queue(tmp_path):
         e = err(r)
         assert int(r.headers["retry-after"]) >= 1
         assert e["type"] == "rate_limit_error" and e["code"] == "OverloadedError" and e["message"]
-    assert 'bankllm_requests_shed_total{model="custom-test_flood"} 27' in metrics.splitlines()
+    assert 'bankllm_requests_shed_total{model="custom-test_flood"} 27.0' in metrics.splitlines()
 
 # --- cancellation -----------------------------------------------------------------------------------------------------
 
@@ -262,7 +263,7 @@ async def test_abandoned_requests_stop_their_generation(tmp_path):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "You asked: quick one"
     assert quick < 4.0  # the abandoned ones would have held the only slot for 8 s
     assert idle and gone, adm.stats()
-    assert 'bankllm_http_responses_total{code="499"} 4' in metrics.splitlines()
+    assert 'bankllm_http_responses_total{code="499"} 4.0' in metrics.splitlines()
 
 # --- the benchmark log is an admin's read -------------------------------------------------------------------------
 
@@ -414,3 +415,17 @@ def test_hung_health_check_is_504_and_a_failed_switch_is_recorded(tmp_path, hung
     assert t_req < 5 and t_switch < 5  # the health check is given 0.3 s; it would hang for an hour
     assert srv.pipe.switches[-1]["ok"] is False and srv.pipe.switches[-1]["requested"] == hung
     assert after.status_code == 200 and after.json()["model_version"] == "custom-test"
+
+def test_offline_docs_serve_only_their_own_assets(tmp_path):
+    "`/docs` loads Swagger UI from the package (no CDN); the static mount answers traversal attempts with 404, never a file"
+    (tmp_path/"outside.txt").write_text("OUTSIDE-FILE-CONTENT")
+    with serve(tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        page = c.get("/docs")
+        assets = [c.get(u) for u in ("/static-offline-docs/swagger-ui-bundle.js", "/static-offline-docs/swagger-ui.css")]
+        probes = [c.get(u) for u in ("/static-offline-docs/../../../../etc/passwd", "/static-offline-docs/%2e%2e/%2e%2e/core.py",
+                                     "/static-offline-docs/..%2f..%2f..%2fpyproject.toml", "/static-offline-docs/",
+                                     f"/static-offline-docs/{'../'*12}{tmp_path.relative_to('/')}/outside.txt")]
+    assert page.status_code == 200 and "cdn" not in page.text.lower() and "/static-offline-docs/swagger-ui-bundle.js" in page.text
+    assert all(r.status_code == 200 and len(r.content) > 10_000 for r in assets)
+    for r in probes:
+        assert r.status_code == 404 and "root:" not in r.text and "OUTSIDE-FILE" not in r.text and "import" not in r.text, (r.url, r.status_code)

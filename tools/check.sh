@@ -2,14 +2,20 @@
 # Install everything from nothing into a virtual environment and run every check CI runs.
 #   BANKLLM_DATA_DIR=../shared/data bash tools/check.sh
 # Env: BANKLLM_VENV (default .venv), BANKLLM_TEST_FLAGS (extra nbdev-test flags, e.g. "slow").
+# Without BANKLLM_DATA_DIR, or when that folder is missing, the loaders download the public data sets and cache them
+# (BANKLLM_CACHE_DIR, default ~/.cache/bankllm): the first run then needs the internet.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
 fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
 
+# A relative data dir is relative to where the command was typed: make it absolute once, before moving anywhere
+# (nbdev-test runs each notebook from inside nbs/).
+case "${BANKLLM_DATA_DIR:-}" in ""|/*) ;; *) BANKLLM_DATA_DIR="$PWD/$BANKLLM_DATA_DIR" ;; esac
+cd "$(dirname "$0")/.."
 VENV=${BANKLLM_VENV:-.venv}
 export BANKLLM_DATA_DIR=${BANKLLM_DATA_DIR:-$(cd .. && pwd)/shared/data}
-[ -d "$BANKLLM_DATA_DIR" ] || fail "BANKLLM_DATA_DIR=$BANKLLM_DATA_DIR does not exist"
+if [ -d "$BANKLLM_DATA_DIR" ]; then echo "data: $BANKLLM_DATA_DIR"
+else echo "data: $BANKLLM_DATA_DIR does not exist: the loaders download the data sets and cache them (needs the internet once)"; fi
 export MPLBACKEND=Agg PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 step "install into $VENV"
@@ -35,6 +41,9 @@ nbdev-clean
 tracked_clean nbdev-clean nbs
 step "README.md matches nbs/index.ipynb"
 python tools/readme.py --check
+
+step "ruff (lint: the package and the notebooks; rules in pyproject.toml)"
+ruff check bankllm nbs
 
 step "nbdev-test (notebooks)"
 timeout 1500 nbdev-test --do-print --timing ${BANKLLM_TEST_FLAGS:+--flags "$BANKLLM_TEST_FLAGS"}

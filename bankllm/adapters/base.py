@@ -6,21 +6,21 @@ Docs: https://bankllm.github.io/bankllm/adapter_base.html.md"""
 
 # %% auto #0
 __all__ = ['log', 'LIVE', 'BACKGROUND', 'QUIET_S', 'LIVE_TRAFFIC', 'AdapterError', 'BadRequestError', 'ModelUnavailableError',
-           'RateLimitedError', 'OverloadedError', 'AdapterTimeoutError', 'Generation', 'GenerationResult', 'percentile',
+           'RateLimitedError', 'OverloadedError', 'AdapterTimeoutError', 'Generation', 'GenerationResult',
            'process_rss_mb', 'iterate_in_thread', 'background_priority', 'wait_until_quiet', 'Admission',
-           'ModelAdapter', 'has_visible_text', 'EchoAdapter']
+           'ModelAdapter', 'has_visible_text']
 
 # %% ../../nbs/10_adapter_base.ipynb #9620e63d
-import asyncio, contextvars, itertools, logging, math, os, threading, time, unicodedata
-from collections import deque
+import asyncio, contextvars, itertools, logging, math, os, threading, time, unicodedata, warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from fastcore.basics import patch
 
 from ..config import Settings, get_config
+from ..records import RequestCounters
 
 # %% ../../nbs/10_adapter_base.ipynb #9d6064b9
 log = logging.getLogger(__name__)
@@ -85,17 +85,6 @@ class GenerationResult(Mapping):
     def _keys(cls): return [f.name for f in fields(cls)]
     def to_dict(self)->dict: return asdict(self)
 
-# %% ../../nbs/10_adapter_base.ipynb #47ad4519
-def percentile(values:list[float], # samples, any order
-               q:float,            # 0..100
-              )->float|None:       # None when there are no samples
-    "The `q`-th percentile of `values`, interpolating linearly between closest ranks"
-    if not values: return None
-    xs = sorted(values)
-    pos = (len(xs)-1) * q/100
-    lo = int(pos); hi = min(lo+1, len(xs)-1)
-    return xs[lo] + (xs[hi]-xs[lo]) * (pos-lo)
-
 # %% ../../nbs/10_adapter_base.ipynb #79beffa5
 def process_rss_mb()->float|None:
     "Resident memory of this process in MiB (Linux `/proc`), or None where unavailable"
@@ -103,33 +92,6 @@ def process_rss_mb()->float|None:
         with open("/proc/self/statm") as f: pages = int(f.read().split()[1])
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError, AttributeError): return None
-
-# %% ../../nbs/10_adapter_base.ipynb #7d32e2c2
-@dataclass
-class _Metrics:
-    "Counters and a sliding window of recent latencies"
-    window: int = 1000
-    requests: int = 0
-    errors: int = 0
-    tokens: int = 0
-    gen_seconds: float = 0.0
-    latencies: deque = field(default_factory=deque)
-    ttfts: deque = field(default_factory=deque)
-    errors_by_type: dict = field(default_factory=dict)
-
-    def ok(self, latency_ms, ttft_ms, tokens):
-        self.requests += 1
-        self.tokens += tokens or 0
-        self.gen_seconds += latency_ms/1000
-        for q,v in ((self.latencies, latency_ms), (self.ttfts, ttft_ms)):
-            if v is None: continue
-            q.append(v)
-            if len(q) > self.window: q.popleft()
-
-    def fail(self, exc):
-        self.requests += 1; self.errors += 1
-        k = type(exc).__name__
-        self.errors_by_type[k] = self.errors_by_type.get(k, 0) + 1
 
 # %% ../../nbs/10_adapter_base.ipynb #e1b50aeb
 _DONE = object()
@@ -269,7 +231,7 @@ class ModelAdapter:
         self.loaded = False
         self.load_count = 0
         self._load_lock = threading.Lock()
-        self._metrics = _Metrics()
+        self.counters = RequestCounters()  # what `get_metrics` reports
         self.admission = Admission(self.max_concurrency, self.config.max_queue)
         self.pinned = 0                   # pipelines using this as their active model: never evicted while > 0
         self.health_status = 503          # the HTTP status an unhealthy answer means: 503, or 504 when it timed out
@@ -374,7 +336,7 @@ def _as_adapter_error(self:ModelAdapter, e:BaseException)->AdapterError:
 
 @patch
 def _result(self:ModelAdapter, g:Generation, latency_ms, ttft_ms)->GenerationResult:
-    self._metrics.ok(latency_ms, ttft_ms, g.tokens)
+    self.counters.ok(latency_ms, g.tokens, g.prompt_tokens, ttft_ms)
     return GenerationResult(text=g.text, latency_ms=latency_ms, tokens=g.tokens, prompt_tokens=g.prompt_tokens,
                             ttft_ms=ttft_ms, finish_reason=g.finish_reason, confidence=g.confidence,
                             model_version=self.version, device=self.device)
@@ -382,7 +344,7 @@ def _result(self:ModelAdapter, g:Generation, latency_ms, ttft_ms)->GenerationRes
 @patch
 def _retry_after_s(self:ModelAdapter)->float:
     "Seconds until the queue ahead of a new request has likely drained, from the recent average latency"
-    lat = self._metrics.latencies
+    lat = self.counters.latencies
     avg_s = (sum(lat)/len(lat)/1000) if lat else 1.0
     return float(min(60, max(1, math.ceil(self.busy() * avg_s / self.admission.concurrency))))
 
@@ -416,7 +378,7 @@ async def generate(self:ModelAdapter,
             g = await self._generate(prompt, max_tokens, temperature, **kw)
     except Exception as e:
         err = self._as_adapter_error(e)
-        self._metrics.fail(err)
+        self.counters.fail(err)
         raise err from (None if err is e else e)
     ms = (time.perf_counter()-t0)*1000
     return self._result(g, ms, g.ttft_ms if g.ttft_ms is not None else ms)
@@ -438,7 +400,7 @@ async def stream(self:ModelAdapter, prompt:str, max_tokens:int=100, temperature:
                 yield d
     except Exception as e:
         err = self._as_adapter_error(e)
-        self._metrics.fail(err)
+        self.counters.fail(err)
         raise err from (None if err is e else e)
     self.last_stream_result = self._result(_gathered(parts, final), (time.perf_counter()-t0)*1000, ttft)
 
@@ -446,15 +408,11 @@ async def stream(self:ModelAdapter, prompt:str, max_tokens:int=100, temperature:
 @patch
 def get_metrics(self:ModelAdapter)->dict[str, Any]:
     "Requests, errors, latency percentiles (ms, recent window), time to first token, tokens/s, queue, device, memory"
-    m = self._metrics
-    lat = list(m.latencies)
-    return dict(model_version=self.version, family=self.family, requests=m.requests, errors=m.errors,
-                errors_by_type=dict(m.errors_by_type), latency_avg_ms=sum(lat)/len(lat) if lat else None,
-                latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95),
-                latency_p99_ms=percentile(lat, 99), ttft_p50_ms=percentile(list(m.ttfts), 50),
-                tokens_generated=m.tokens, tokens_per_s=m.tokens/m.gen_seconds if m.gen_seconds else None,
-                samples=len(lat), queue=self.admission.stats(), device=self.device, memory_mb=self._memory_mb(),
-                loaded=self.loaded)
+    s = self.counters.summary()
+    keep = ["requests", "errors", "errors_by_type", "latency_avg_ms", "latency_p50_ms", "latency_p95_ms",
+            "latency_p99_ms", "ttft_p50_ms", "tokens_per_s", "samples"]
+    return dict(model_version=self.version, family=self.family, **{k: s[k] for k in keep}, tokens_generated=s["tokens"],
+                queue=self.admission.stats(), device=self.device, memory_mb=self._memory_mb(), loaded=self.loaded)
 
 @patch
 async def health_check(self:ModelAdapter,
@@ -481,27 +439,11 @@ def health_error(self:ModelAdapter)->AdapterError:
     cls = AdapterTimeoutError if self.health_status == 504 else ModelUnavailableError
     return cls(f"{self.version}: {self.health_reason or 'unhealthy'}")
 
-# %% ../../nbs/10_adapter_base.ipynb #c07a9197
-class EchoAdapter(ModelAdapter):
-    "A deterministic test backend: echoes the question word by word; can be slow or fail on request"
-    family = "echo"
-    max_concurrency = 64  # no model behind it: many at once
-    def __init__(self, version=None, config=None, delay_s:float=0.0, fail_with:Exception|None=None):
-        super().__init__(version, config)
-        self.delay_s, self.fail_with = delay_s, fail_with
-
-    def _words(self, prompt, max_tokens):
-        words = f"You asked: {prompt} A banking assistant would answer that here.".split(" ")
-        return [w if i == 0 else " "+w for i,w in enumerate(words)][:max_tokens], len(words) > max_tokens
-
-    async def _stream(self, prompt, max_tokens, temperature, **kw):
-        if self.fail_with: raise self.fail_with
-        words, cut = self._words(prompt, max_tokens)
-        for w in words:
-            await asyncio.sleep(self.delay_s/len(words))
-            yield w
-        yield Generation("".join(words), tokens=len(words), prompt_tokens=len(prompt.split()),
-                         finish_reason="length" if cut else "stop", confidence=1/(1+len(words)/100))
-
-    async def _health(self):
-        return (False, f"configured to fail with {self.fail_with!r}") if self.fail_with else (True, None)
+# %% ../../nbs/10_adapter_base.ipynb #180a8531
+def __getattr__(name:str):
+    "The old `bankllm.adapters.base.EchoAdapter` import, with a warning that it moved to `bankllm.testing`"
+    if name == "EchoAdapter":
+        warnings.warn("EchoAdapter moved: import it from bankllm.testing", DeprecationWarning, stacklevel=2)
+        from bankllm.testing import EchoAdapter
+        return EchoAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,7 @@ Docs: https://bankllm.github.io/bankllm/custom_adapter.html.md"""
 __all__ = ['CustomAdapter', 'evaluate_checkpoint', 'stored_quality']
 
 # %% ../../nbs/11_custom_adapter.ipynb #cdc8e682
-import codecs, json, math, threading, time
+import codecs, math, threading, time
 from pathlib import Path
 
 import pandas as pd
