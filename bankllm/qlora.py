@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from .config import get_config
 from .data import bitext_pairs, chat_messages, eval_sets, file_sha256, training_mix
-from .training import (RECIPES, _hardware, autocast_dtype, chat_rows, checkpoints_dir, export_hf, load_checkpoint, lr_at,
+from .training import (RECIPES, hardware_facts, autocast_dtype, chat_rows, checkpoints_dir, export_hf, load_checkpoint, lr_at,
                               pick_device, shipped_folder, stratified_head)
 
 # %% ../nbs/12_qlora.ipynb #4fe49564
@@ -289,7 +289,7 @@ def finetune_qlora(base:str|Path,                 # hub id, Hugging Face folder 
         total_seconds=round(time.perf_counter() - t0, 1), steps_per_s=round(steps / train_s, 3),
         tokens_per_s=round(tokens / train_s, 1), train_examples=len(train_ex), dev_examples={k: len(d) for k, d in dev_sets.items()},
         trainable_params=trainable, total_params=total, trainable_fraction=trainable / total,
-        base_weight_memory=mem, hardware=dict(_hardware(device), autocast=str(amp)),
+        base_weight_memory=mem, hardware=dict(hardware_facts(device), autocast=str(amp)),
         peak_cuda_memory_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         final_train_loss=sum(recent) / len(recent),
         final_dev_loss=[h for h in res.history if "dev_loss" in h][-1]["dev_loss"], dev_loss_by_set=by_set,

@@ -10,7 +10,7 @@ __all__ = ['CHAT_TEMPLATE', 'RECIPES', 'SHIPPED_VERSION', 'SHIPPED_MODEL_CONFIG'
            'max_answer_at', 'pick_device', 'cpu_has_bf16', 'autocast_dtype', 'answer_text', 'stratified_head',
            'dev_loss', 'quick_topic_accuracy', 'TrainResult', 'select_best', 'train', 'plot_history', 'checkpoints_dir',
            'save_checkpoint', 'shipped_folder', 'resolve_checkpoint', 'load_checkpoint', 'training_record',
-           'find_artifact', 'hf_tokenizer', 'export_hf', 'train_custom_model']
+           'find_artifact', 'hf_tokenizer', 'export_hf', 'hardware_facts', 'train_custom_model']
 
 # %% ../nbs/04_training.ipynb #68e11aea
 import inspect, json, math, os, platform, random, time
@@ -370,7 +370,7 @@ def export_hf(model:BankingLLM, tok:BPETokenizer, out_dir:str|Path)->Path:
     return out
 
 # %% ../nbs/04_training.ipynb #a83bb7c0
-def _hardware(device:torch.device)->dict:
+def hardware_facts(device:torch.device)->dict:
     "What the run ran on"
     hw = dict(device=str(device), torch=torch.__version__, python=platform.python_version(),
               cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
@@ -430,7 +430,7 @@ def train_custom_model(out_dir:str|Path|None=None,    # where to save; None: don
                   tokens_per_s=round(res.tokens_per_s, 1), final_train_loss=round(last["loss"], 4),
                   best_step=res.best_step, best_dev_loss=round(res.best_dev_loss, 4),
                   best_dev_topic_accuracy=round(res.best_topic, 4),
-                  hardware=dict(_hardware(device), autocast=str(autocast_dtype(train_cfg, device))),
+                  hardware=dict(hardware_facts(device), autocast=str(autocast_dtype(train_cfg, device))),
                   evals=[h for h in res.history if "dev_loss" in h], history=res.history)
     if out_dir is not None: save_checkpoint(model, tok, out_dir, record)
     return model, tok, record

@@ -6,8 +6,8 @@ Docs: https://bankllm.github.io/bankllm/transformer.html.md"""
 
 # %% auto #0
 __all__ = ['ModelConfig', 'RMSNorm', 'rope_tables', 'rotate_half', 'apply_rope', 'CausalSelfAttention', 'SwiGLU', 'Block',
-           'BankingLLM', 'filter_logits', 'KVCache', 'DecodeWeights', 'Generated', 'llama_config_dict', 'hf_state_dict',
-           'count_params', 'model_memory_mb', 'kv_cache_benchmark']
+           'BankingLLM', 'filter_logits', 'next_token', 'KVCache', 'DecodeWeights', 'Generated', 'llama_config_dict',
+           'hf_state_dict', 'count_params', 'model_memory_mb', 'kv_cache_benchmark']
 
 # %% ../nbs/03_transformer.ipynb #09073be6
 import math, time
@@ -218,7 +218,7 @@ def filter_logits(logits:torch.Tensor,     # (..., V)
     return logits
 
 # %% ../nbs/03_transformer.ipynb #c2f8c811
-def _next_token(logits:torch.Tensor, temperature:float, top_k, top_p, generator)->tuple[int, float]:
+def next_token(logits:torch.Tensor, temperature:float, top_k, top_p, generator)->tuple[int, float]:
     "Pick a token from (V,) logits; return it with its raw log-probability"
     if temperature == 0: tok = int(logits.argmax())
     else:
@@ -384,7 +384,7 @@ def stream_generate(self:BankingLLM,
         elif step == 0: logits = self(ids, cache=cache)[0][0, -1]  # prefill the prompt
         elif fast: logits = self.decode_step(tok, cache, n - 1, dw)
         else: logits = self(torch.tensor([[tok]], device=dev), cache=cache, start_pos=n - 1)[0][0, -1]
-        tok, logprob = _next_token(logits, temperature, top_k, top_p, generator)
+        tok, logprob = next_token(logits, temperature, top_k, top_p, generator)
         yield tok, logprob
         if tok in stops: return
         n += 1

@@ -5,10 +5,9 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1]/"bankllm"
 
-# Known exceptions, each to be removed by its owner (notebooks edited elsewhere when this test was written):
-ALLOWED_EDGES = {("bankllm.adapters.base", "bankllm.testing")}   # the deprecated `EchoAdapter` alias, until 05_evaluation imports bankllm.testing
-ALLOWED_PRIVATE = {("bankllm.qlora", "bankllm.training", "_hardware"),            # 12_qlora
-                   ("bankllm.adapters.qlora", "bankllm.transformer", "_next_token")}  # 13_qlora_adapter
+# Known exceptions (none today): an edge or a private import listed here is ignored, with the reason beside it
+ALLOWED_EDGES: set[tuple[str, str]] = set()
+ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 
 def _module(path:Path)->str:
     parts = path.relative_to(PKG.parent).with_suffix("").parts

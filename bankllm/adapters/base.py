@@ -11,7 +11,7 @@ __all__ = ['log', 'LIVE', 'BACKGROUND', 'QUIET_S', 'LIVE_TRAFFIC', 'AdapterError
            'ModelAdapter', 'has_visible_text']
 
 # %% ../../nbs/10_adapter_base.ipynb #9620e63d
-import asyncio, contextvars, itertools, logging, math, os, threading, time, unicodedata, warnings
+import asyncio, contextvars, itertools, logging, math, os, threading, time, unicodedata
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -438,12 +438,3 @@ def health_error(self:ModelAdapter)->AdapterError:
     "The error that the last failed health check means: `AdapterTimeoutError` (504) if it timed out, else 503"
     cls = AdapterTimeoutError if self.health_status == 504 else ModelUnavailableError
     return cls(f"{self.version}: {self.health_reason or 'unhealthy'}")
-
-# %% ../../nbs/10_adapter_base.ipynb #180a8531
-def __getattr__(name:str):
-    "The old `bankllm.adapters.base.EchoAdapter` import, with a warning that it moved to `bankllm.testing`"
-    if name == "EchoAdapter":
-        warnings.warn("EchoAdapter moved: import it from bankllm.testing", DeprecationWarning, stacklevel=2)
-        from bankllm.testing import EchoAdapter
-        return EchoAdapter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

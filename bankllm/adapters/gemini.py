@@ -23,7 +23,7 @@ from google.genai import types
 
 from .base import (AdapterError, AdapterTimeoutError, BadRequestError, Generation, ModelAdapter,
                                    ModelUnavailableError, RateLimitedError)
-from ..config import Settings, get_config
+from ..config import Settings
 from ..data import normalize_question, system_prompt
 from ..factory import parse_version
 

@@ -23,7 +23,7 @@ from ..data import PlaceholderFiller, chat_messages, file_sha256
 from ..evaluation import dev_goals, load_quality, save_quality
 from ..qlora import SHIPPED_QLORA_VERSION, adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
 from ..training import find_artifact
-from ..transformer import _next_token
+from ..transformer import next_token
 
 # %% ../../nbs/13_qlora_adapter.ipynb #201e6883
 def vllm_installed()->bool: return importlib.util.find_spec("vllm") is not None
@@ -118,7 +118,7 @@ class TransformersEngine:
             for _ in range(max_tokens):
                 out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self.cache_arg: past})
                 past = out.get(self.cache_arg)
-                tok, lp = _next_token(out.logits[0, -1].float(), temperature, top_k, top_p, gen)
+                tok, lp = next_token(out.logits[0, -1].float(), temperature, top_k, top_p, gen)
                 yield tok, lp
                 if tok in self.stops: return
                 x = torch.tensor([[tok]], device=dev)
