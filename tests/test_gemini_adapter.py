@@ -352,6 +352,7 @@ async def test_a_retired_model_is_refused_at_once_without_a_request(fake, make, 
     with pytest.raises(ModelUnavailableError, match="was shut down by Google"): [d async for d in a.stream(Q)]
     assert time.monotonic() - t0 < 1.0  # generous: no network call is made at all
     assert e.value.status_code == 404 and fake.requests == []
+    assert (a.health_status, a.health_error().status_code) == (404, 404)
 
 
 async def test_a_retired_model_named_by_the_setting_is_refused_too(fake, make):
@@ -382,7 +383,7 @@ async def test_models_list_is_read_once_paged_and_capped(fake, make):
     a = make(gemini_model="gemini-9-nope")
     for _ in range(3):
         with pytest.raises(ModelUnavailableError, match="model not found"): await a.generate(Q)
-    assert await a.health_check() is False and "model not found" in a.health_reason and a.health_status == 503
+    assert await a.health_check() is False and "model not found" in a.health_reason and a.health_status == 404
     lists = [r for r in fake.requests if r.path.endswith("/models")]
     assert len(lists) == gemini.MODELS_LIST_MAX // 20 + 1  # 3 pages for the first 404, none after: cached
     names = await a.available_models()

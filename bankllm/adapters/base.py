@@ -236,7 +236,7 @@ class ModelAdapter:
         self.counters = RequestCounters()  # what `get_metrics` reports
         self.admission = Admission(self.max_concurrency, self.config.max_queue)
         self.pinned = 0                   # pipelines using this as their active model: never evicted while > 0
-        self.health_status = 503          # the HTTP status an unhealthy answer means: 503, or 504 when it timed out
+        self.health_status = 503          # the HTTP status an unhealthy answer means: 503; 504 when it timed out, 404 when the model does not exist
         self._health_at: float|None = None
         self._health_ok = False
         self.last_stream_result: GenerationResult|None = None  # timings and counts of the latest finished `stream`
@@ -427,7 +427,7 @@ async def health_check(self:ModelAdapter,
     try:
         async with asyncio.timeout(limit) as deadline: ok, reason = await self._health()
     except TimeoutError: ok, reason = False, None
-    except AdapterError as e: ok, reason, self.health_status = False, e.message, (504 if e.status_code == 504 else 503)
+    except AdapterError as e: ok, reason, self.health_status = False, e.message, (e.status_code if e.status_code in (404, 504) else 503)
     except Exception as e: ok, reason = False, f"{type(e).__name__}: {e}"
     if deadline.expired():  # also when a backend turned the cancellation into an error of its own
         ok, reason, self.health_status = False, f"health check took longer than {limit:g}s", 504
@@ -437,6 +437,6 @@ async def health_check(self:ModelAdapter,
 
 @patch
 def health_error(self:ModelAdapter)->AdapterError:
-    "The error that the last failed health check means: `AdapterTimeoutError` (504) if it timed out, else 503"
+    "The error that the last failed health check means: `AdapterTimeoutError` (504) if it timed out, 404 if the model does not exist, else 503"
     cls = AdapterTimeoutError if self.health_status == 504 else ModelUnavailableError
-    return cls(f"{self.version}: {self.health_reason or 'unhealthy'}")
+    return cls(f"{self.version}: {self.health_reason or 'unhealthy'}", status_code=self.health_status)

@@ -427,7 +427,7 @@ async def _stream(self:GeminiAdapter, prompt, max_tokens, temperature, **kw)->As
 # %% ../../nbs/14_gemini_adapter.ipynb #9dbaad3b
 @patch
 async def _health(self:GeminiAdapter)->tuple[bool, str|None]:
-    if why := retirement(self.model): return False, why  # known: no request needed
+    if why := retirement(self.model): raise ModelUnavailableError(why, status_code=404)  # known: no request needed
     if not self._key(): return False, "no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY)"
     try: await (await self._aio()).models.get(model=self.model)
     except Exception as e:  # raised, so a timeout stays a timeout (504) in `health_check`
