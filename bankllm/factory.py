@@ -46,7 +46,7 @@ def parse_version(version:str)->ModelVersion:
 DEFAULT_VERSIONS = {
     "custom": "custom_model_built_0.1.0",
     "qlora": "qlora_vllm_finetuned_model_v1.1.0",
-    "gemini": "gemini_2.0_flash_v1.0.0",
+    "gemini": "gemini_3.5_flash_v1.0.0",
 }
 
 ARTIFACT_MARKERS = {"custom": "model.safetensors", "qlora": "adapter_config.json"}  # the file that makes a folder a family's artifact

@@ -58,6 +58,7 @@ class RequestCounters:
     errors: int = 0
     tokens: int = 0               # generated
     prompt_tokens: int = 0        # read
+    thinking_tokens: int = 0      # spent thinking before answering (billed as output by thinking models)
     latency_sum_s: float = 0.0    # over every successful request, not only the window
     errors_by_type: dict = field(default_factory=dict)
     latencies: deque = field(init=False, repr=False)
@@ -65,9 +66,11 @@ class RequestCounters:
 
     def __post_init__(self): self.latencies, self.ttfts = deque(maxlen=self.window), deque(maxlen=self.window)
 
-    def ok(self, latency_ms:float, tokens:int|None=None, prompt_tokens:int|None=None, ttft_ms:float|None=None):
+    def ok(self, latency_ms:float, tokens:int|None=None, prompt_tokens:int|None=None, ttft_ms:float|None=None,
+           thinking_tokens:int|None=None):
         "Count a successful request"
         self.requests += 1; self.tokens += tokens or 0; self.prompt_tokens += prompt_tokens or 0
+        self.thinking_tokens += thinking_tokens or 0
         self.latency_sum_s += latency_ms/1000; self.latencies.append(latency_ms)
         if ttft_ms is not None: self.ttfts.append(ttft_ms)
 
@@ -80,7 +83,8 @@ class RequestCounters:
         "The counters, and latency percentiles (ms) over the window"
         lat = list(self.latencies)
         return dict(requests=self.requests, errors=self.errors, errors_by_type=dict(self.errors_by_type),
-                    tokens=self.tokens, prompt_tokens=self.prompt_tokens, latency_sum_s=self.latency_sum_s,
+                    tokens=self.tokens, prompt_tokens=self.prompt_tokens, thinking_tokens=self.thinking_tokens,
+                    latency_sum_s=self.latency_sum_s,
                     latency_count=self.requests-self.errors, latency_avg_ms=sum(lat)/len(lat) if lat else None,
                     latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95),
                     latency_p99_ms=percentile(lat, 99), ttft_p50_ms=percentile(list(self.ttfts), 50),

@@ -30,7 +30,7 @@ ADAPTER_BUILDERS["gemini"] = _gemini
 FAMILIES = sorted({*ModelFactory.REGISTRY, TEST_FAMILY})
 PROMPT = "I still have not received my new card, what should I do?"
 RESULT_KEYS = {"text", "latency_ms", "tokens", "prompt_tokens", "ttft_ms", "finish_reason", "confidence",
-               "model_version", "device"}
+               "model_version", "device", "thinking_tokens"}
 
 
 @pytest.fixture(params=FAMILIES)
@@ -51,6 +51,7 @@ async def test_generate_returns_the_result_contract(adapter):
     assert r.tokens is None or 0 < r.tokens <= 32
     assert r.confidence is None or 0 < r.confidence <= 1
     assert r.model_version == adapter.version and isinstance(r.device, str)
+    assert r.thinking_tokens is None or r.thinking_tokens >= 0
     assert r["text"] == r.text  # the seed's dict access still works
 
 

@@ -74,7 +74,7 @@ async def test_health_ready_models(client):
     rows = {x["id"]: x for x in m["models"]}
     assert rows["custom-test"]["active"] and rows["custom-test"]["available"]
     assert rows["broken"]["available"] is False and "backend down" in rows["broken"]["reason"]
-    assert "gemini_2.0_flash_v1.0.0" in rows
+    assert "gemini_3.5_flash_v1.0.0" in rows
     v = (await client.get("/v1/models")).json()
     assert v["object"] == "list" and v["data"][0]["id"] == "custom-test" and all(d["object"] == "model" for d in v["data"])
 

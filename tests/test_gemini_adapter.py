@@ -16,19 +16,22 @@ import pytest
 
 from bankllm.adapters.base import (AdapterError, AdapterTimeoutError, BadRequestError, ModelUnavailableError,
                                    RateLimitedError)
-from bankllm.adapters.gemini import GeminiAdapter, system_instruction
+from bankllm.adapters import gemini
+from bankllm.adapters.gemini import RETIRED_MODELS, GeminiAdapter, Retirement, system_instruction
 from bankllm.config import get_config
 from bankllm.factory import ModelFactory
-from fake_gemini import LOGPROBS_REJECTED, Reply, answer_text, error, prompt_blocked, safety_block, shared_server
+from fake_gemini import (BOTH_THINKING_FIELDS, LOGPROBS_REJECTED, MODELS, Reply, answer_text, error, not_found_message,
+                         prompt_blocked, safety_block, shared_server)
 
 KEY = "AIzaSy-test-KEY-0123456789-must-never-leak"
-VERSION = "gemini_2.0_flash_v1.0.0"
+VERSION = "gemini_3.5_flash_v1.0.0"  # the default: a living model
 Q = "I still have not received my new card, what should I do?"
 
 
 @pytest.fixture
 def fake():
     f = shared_server().reset()
+    gemini._MODELS_CACHE.clear()  # each test reads models.list afresh
     yield f
     f.reset()
 
@@ -55,7 +58,7 @@ async def test_success_maps_text_counts_confidence_and_request(fake, make):
     assert r.confidence == pytest.approx(math.exp(-0.105))
     assert r.device == "remote" and r.model_version == VERSION
     [req] = fake.calls()
-    assert req.method == "POST" and req.path.endswith("/models/gemini-2.0-flash:generateContent")
+    assert req.method == "POST" and req.path.endswith("/models/gemini-3.5-flash:generateContent")
     assert req.headers["x-goog-api-key"] == KEY and not req.query  # the key is a header, never in the URL
     si = req.body["systemInstruction"]["parts"][0]["text"]
     assert si == system_instruction(a.config) and "Harbour Bank" in si and "+1 555 0100" in si
@@ -65,18 +68,20 @@ async def test_success_maps_text_counts_confidence_and_request(fake, make):
 
 
 async def test_model_comes_from_the_version_or_the_setting(fake, make):
-    await make("gemini_2.5_flash_v1.0.0").generate(Q, max_tokens=5)
-    await make(gemini_model="gemini-2.0-flash-lite-001").generate(Q, max_tokens=5)
+    await make("gemini_2.5_flash_lite_v1.0.0").generate(Q, max_tokens=5)
+    await make(gemini_model="gemini-3.1-flash-lite").generate(Q, max_tokens=5)
     paths = [r.path for r in fake.calls()]
-    assert paths[0].endswith("/models/gemini-2.5-flash:generateContent")
-    assert paths[1].endswith("/models/gemini-2.0-flash-lite-001:generateContent")
-    tc = fake.calls()[0].body["generationConfig"]["thinkingConfig"]  # thinking off: max_tokens means answer tokens
+    assert paths[0].endswith("/models/gemini-2.5-flash-lite:generateContent")
+    assert paths[1].endswith("/models/gemini-3.1-flash-lite:generateContent")
+    tc = fake.calls()[0].body["generationConfig"]["thinkingConfig"]  # 2.5 Flash-Lite: thinking off
     assert tc.get("thinkingBudget", tc.get("thinking_budget")) == 0   # (the SDK sends snake_case here; both parse)
 
 
 async def test_max_tokens_reached_is_length(make):
     r = await make().generate(Q, max_tokens=3, temperature=0)
-    assert (r.tokens, r.finish_reason) == (3, "length")
+    assert (r.tokens, r.thinking_tokens, r.finish_reason) == (1, 2, "length")  # thoughts count against max_tokens
+    r = await make("gemini_2.5_flash_lite_v1.0.0").generate(Q, max_tokens=3, temperature=0)
+    assert (r.tokens, r.thinking_tokens, r.finish_reason) == (3, 0, "length")
 
 
 async def test_stream_yields_deltas_then_the_same_counts(fake, make):
@@ -168,7 +173,7 @@ async def test_the_sdk_does_not_retry_on_its_own(fake, make):
 async def test_client_errors_are_never_retried(fake, make, status, exc):
     fake.always = error(status)
     with pytest.raises(exc) as e: await make().generate(Q)
-    assert len(fake.calls()) == 1 and e.value.attempts == 1 and e.value.upstream_status == status
+    assert len(fake.calls("generateContent")) == 1 and e.value.attempts == 1 and e.value.upstream_status == status
     assert str(status) in str(e.value)
     if status in (401, 403): assert "GEMINI_API_KEY" in str(e.value)
 
@@ -247,7 +252,7 @@ async def test_health_reads_model_metadata_and_spends_no_tokens(fake, make):
     a = make()
     assert await a.health_check() is True and a.health_reason is None
     [req] = fake.calls()
-    assert req.method == "GET" and req.path.endswith("/models/gemini-2.0-flash")
+    assert req.method == "GET" and req.path.endswith("/models/gemini-3.5-flash")
 
 
 async def test_health_without_a_key_names_the_variable(fake, make):
@@ -270,7 +275,7 @@ async def test_health_when_the_service_is_down(fake, make):
 
 async def test_the_factory_builds_it_and_without_a_key_it_says_so():
     a = ModelFactory.create("gemini")  # conftest removed GEMINI_API_KEY / GOOGLE_API_KEY from the environment
-    assert isinstance(a, GeminiAdapter) and a.model == "gemini-2.0-flash"
+    assert isinstance(a, GeminiAdapter) and a.model == "gemini-3.5-flash"
     assert await a.health_check() is False and "GEMINI_API_KEY" in a.health_reason
 
 
@@ -328,3 +333,128 @@ async def test_the_key_appears_in_no_log_line_exception_or_repr(fake, make, capl
     assert len(fake.calls()) > 10 and all(r.headers["x-goog-api-key"] == KEY for r in fake.calls())  # it was sent
     assert any("retrying" in r.getMessage() for r in caplog.records)  # and the logs were captured
     assert not _leaks(texts), "the API key leaked"
+
+
+# --- Gemini as it is today: retired models, model not found, thinking ----------------------------------------
+
+def _thinking(req):
+    tc = req.body["generationConfig"].get("thinkingConfig") or {}
+    return {k.replace("_", "").lower(): v for k, v in tc.items()}  # thinkinglevel / thinkingbudget, whatever the case
+
+
+@pytest.mark.parametrize("version", ["gemini_2.0_flash_v1.0.0", "gemini_2.5_flash_v1.0.0"])
+async def test_a_retired_model_is_refused_at_once_without_a_request(fake, make, version):
+    a = make(version)
+    t0 = time.monotonic()
+    assert await a.health_check() is False
+    assert "was shut down by Google" in a.health_reason and "use gemini_3.5_flash_v1.0.0" in a.health_reason
+    with pytest.raises(ModelUnavailableError, match="was shut down by Google") as e: await a.generate(Q)
+    with pytest.raises(ModelUnavailableError, match="was shut down by Google"): [d async for d in a.stream(Q)]
+    assert time.monotonic() - t0 < 1.0  # generous: no network call is made at all
+    assert e.value.status_code == 404 and fake.requests == []
+    assert (a.health_status, a.health_error().status_code) == (404, 404)
+
+
+async def test_a_retired_model_named_by_the_setting_is_refused_too(fake, make):
+    a = make(gemini_model="models/gemini-2.5-flash")
+    with pytest.raises(ModelUnavailableError, match="on June 17, 2026; use gemini_3.5_flash_v1.0.0"): await a.generate(Q)
+    assert fake.requests == []
+
+
+async def test_a_model_scheduled_for_shutdown_is_served_with_a_warning(fake, make, monkeypatch, caplog):
+    monkeypatch.setitem(RETIRED_MODELS, "gemini-3.1-pro", Retirement("2999-01", "gemini_3.5_flash_v1.0.0"))
+    with caplog.at_level(logging.WARNING, "bankllm.adapters.gemini"): a = make("gemini_3.1_pro_v1.0.0")
+    assert "shuts gemini-3.1-pro down in January 2999" in caplog.text
+    assert (await a.generate(Q)).text
+
+
+async def test_the_fake_answers_404_for_a_retired_or_unknown_model_in_googles_words(fake, make):
+    a = make(gemini_model="gemini-2.0-flash-lite-001")
+    with pytest.raises(ModelUnavailableError) as e: await a.generate(Q)
+    assert "models/gemini-2.0-flash-lite-001 is not found" in not_found_message("gemini-2.0-flash-lite-001")
+    assert e.value.status_code == 404 and e.value.upstream_status == 404 and e.value.attempts == 1
+    assert "model not found" in str(e.value) and "models this key can use: " + ", ".join(MODELS) in str(e.value)
+    assert KEY not in str(e.value)
+
+
+async def test_models_list_is_read_once_paged_and_capped(fake, make):
+    fake.models = tuple(f"gemini-3.5-flash-v{i}" for i in range(120))
+    fake.page_size = 20
+    a = make(gemini_model="gemini-9-nope")
+    for _ in range(3):
+        with pytest.raises(ModelUnavailableError, match="model not found"): await a.generate(Q)
+    assert await a.health_check() is False and "model not found" in a.health_reason and a.health_status == 404
+    lists = [r for r in fake.requests if r.path.endswith("/models")]
+    assert len(lists) == gemini.MODELS_LIST_MAX // 20 + 1  # 3 pages for the first 404, none after: cached
+    names = await a.available_models()
+    assert len(names) == gemini.MODELS_LIST_MAX and names[0] == "gemini-3.5-flash-v0"
+    assert f"and {gemini.MODELS_LIST_MAX - gemini.MODELS_SHOWN} more" in a.health_reason
+
+
+async def test_gemini_3_gets_a_level_and_gemini_2_5_a_budget_never_both(fake, make):
+    seen = {}
+    for v in ["gemini_3.5_flash_v1.0.0", "gemini_3.1_flash_lite_v1.0.0", "gemini_3.1_pro_v1.0.0",
+              "gemini_2.5_pro_v1.0.0", "gemini_2.5_flash_lite_v1.0.0"]:
+        for level in ("auto", "minimal", "low", "medium", "high"):
+            r = await make(v, gemini_thinking=level).generate(Q, max_tokens=400)
+            assert r.text
+            seen[(v, level)] = _thinking(fake.calls()[-1])
+    assert all(len(tc) == 1 for tc in seen.values())  # one knob, never both (the fake would answer 400)
+    assert seen[("gemini_3.5_flash_v1.0.0", "auto")] == {"thinkinglevel": "MINIMAL"}
+    assert seen[("gemini_3.1_pro_v1.0.0", "auto")] == {"thinkinglevel": "LOW"}
+    assert seen[("gemini_3.1_pro_v1.0.0", "minimal")] == {"thinkinglevel": "LOW"}
+    assert seen[("gemini_3.1_flash_lite_v1.0.0", "high")] == {"thinkinglevel": "HIGH"}
+    assert seen[("gemini_2.5_flash_lite_v1.0.0", "auto")] == {"thinkingbudget": 0}
+    assert seen[("gemini_2.5_pro_v1.0.0", "auto")] == {"thinkingbudget": 128}
+
+
+async def test_the_fake_refuses_both_thinking_fields_and_a_level_for_gemini_2_5(fake):
+    from google import genai
+    from google.genai import errors as genai_errors
+    from google.genai import types
+    c = genai.Client(api_key=KEY, http_options=types.HttpOptions(base_url=fake.url))
+    for model, tc, says in [("gemini-3.5-flash", types.ThinkingConfig(thinking_level="low", thinking_budget=0),
+                             BOTH_THINKING_FIELDS),
+                            ("gemini-2.5-pro", types.ThinkingConfig(thinking_level="low"), "Use thinking budget")]:
+        with pytest.raises(genai_errors.ClientError) as e:
+            await c.aio.models.generate_content(model=model, contents=Q,
+                                                config=types.GenerateContentConfig(thinking_config=tc))
+        assert e.value.code == 400 and says in e.value.message
+
+
+async def test_thinking_tokens_are_reported_in_the_result_and_the_metrics(fake, make):
+    a = make(gemini_thinking="low")  # the fake thinks 16 tokens at LOW
+    r = await a.generate(Q, max_tokens=200)
+    _ = [d async for d in a.stream(Q, max_tokens=200)]
+    assert r.thinking_tokens == 16 and a.last_stream_result.thinking_tokens == 16
+    assert r.tokens == len(answer_text(Q).split(" "))  # answer tokens only
+    m = a.get_metrics()
+    assert (m["thinking_tokens"], m["tokens_generated"], m["thinking_retries"]) == (32, 2*r.tokens, 0)
+
+
+async def test_thinking_that_starves_the_answer_is_asked_again_once(fake, make, caplog):
+    fake.think = 30
+    a = make()
+    with caplog.at_level(logging.WARNING, "bankllm.adapters.gemini"): r = await a.generate(Q, max_tokens=20)
+    budgets = [c.body["generationConfig"]["maxOutputTokens"] for c in fake.calls()]
+    assert budgets == [20, 60] and r.text and r.thinking_tokens == 20 + 30  # both tries' thoughts are billed
+    assert "asking again with max_output_tokens=60" in caplog.text and a.get_metrics()["thinking_retries"] == 1
+    deltas = [d async for d in a.stream(Q, max_tokens=20)]
+    assert "".join(deltas) == r.text and a.last_stream_result.thinking_tokens == 50
+    assert [c.body["generationConfig"]["maxOutputTokens"] for c in fake.calls()][2:] == [20, 60]
+
+
+async def test_an_answer_thinking_still_starves_is_a_502_never_an_empty_success(fake, make):
+    fake.think = 10_000
+    a = make()
+    with pytest.raises(AdapterError, match="thinking used the whole output budget") as e: await a.generate(Q, max_tokens=20)
+    assert e.value.status_code == 502 and len(fake.calls()) == 2
+    with pytest.raises(AdapterError, match="empty answer"): [d async for d in a.stream(Q, max_tokens=20)]
+    assert len(fake.calls()) == 4 and a.get_metrics()["errors"] == 2
+
+
+async def test_an_empty_answer_without_thinking_is_an_error_too(fake, make):
+    fake.script(Reply(body={"candidates": [{"content": {"role": "model"}, "finishReason": "STOP"}],
+                            "usageMetadata": {"promptTokenCount": 9}}))
+    with pytest.raises(AdapterError, match="empty answer: finish_reason=STOP") as e: await make().generate(Q)
+    assert e.value.status_code == 502 and len(fake.calls()) == 1  # not a thinking problem: not asked again

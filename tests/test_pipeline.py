@@ -122,7 +122,7 @@ async def test_default_round_covers_every_registered_family(tmp_path, families, 
     p = BankingLLMPipeline(cfg(tmp_path), suite=FAST)
     rec = await p.run_benchmark_round()
     st = {m["model_version"]: m["status"] for m in rec["models"]}
-    assert st == {"custom-test": "ok", "broken": "unavailable", "gemini_2.0_flash_v1.0.0": "unavailable"}
+    assert st == {"custom-test": "ok", "broken": "unavailable", "gemini_3.5_flash_v1.0.0": "unavailable"}
 
 async def test_summary(tmp_path, families):
     p = BankingLLMPipeline(cfg(tmp_path), benchmark_models=["custom-test", "template", "broken"],

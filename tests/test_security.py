@@ -429,3 +429,24 @@ def test_offline_docs_serve_only_their_own_assets(tmp_path):
     assert all(r.status_code == 200 and len(r.content) > 10_000 for r in assets)
     for r in probes:
         assert r.status_code == 404 and "root:" not in r.text and "OUTSIDE-FILE" not in r.text and "import" not in r.text, (r.url, r.status_code)
+
+def test_retired_and_unknown_gemini_models_are_404s_that_say_why_without_the_key(tmp_path, caplog):
+    "A client naming an allowlisted Gemini version Google retired, or one Google does not have: a clear 404, no key"
+    from fake_gemini import shared_server
+    from bankllm.adapters import gemini
+    fake, key = shared_server().reset(), "AIzaSy-sec-KEY-never-echoed-0042"
+    gemini._MODELS_CACHE.clear()
+    caplog.set_level(logging.INFO, logger="bankllm")
+    names = ["gemini_2.0_flash_v1.0.0", "gemini_3.5_flassh_v1.0.0"]
+    with serve(tmp_path, models=names, gemini_api_key=key, gemini_base_url=fake.url) as srv, \
+         httpx.Client(base_url=srv.url, timeout=30) as c:
+        old, typo = [c.post("/v1/chat/completions", json=oa(n)) for n in names]
+        chat = c.post("/api/v1/chat", json={"message": "hi", "model_version": names[0], "max_tokens": 4})
+    assert old.status_code == 404 and "was shut down by Google" in err(old)["message"], old.text
+    assert "use gemini_3.5_flash_v1.0.0" in err(old)["message"]
+    assert typo.status_code == 404 and "model not found" in err(typo)["message"], typo.text
+    assert "gemini-3.5-flash" in err(typo)["message"]  # what the key can use, from models.list
+    for r in (old, typo, chat): assert key not in r.text and "Traceback" not in r.text
+    assert not [r for r in fake.requests if "gemini-2.0-flash" in r.path]  # refused before any request to Google
+    assert not any(key in r.getMessage() for r in caplog.records)
+    fake.reset()

@@ -63,6 +63,7 @@ class Generation:
     finish_reason: str = "stop"      # "stop" (natural end or stop token), "length" (max_tokens), "safety", ...
     confidence: float|None = None    # exp(mean token log-prob) of the generated tokens, or None
     ttft_ms: float|None = None       # set by backends that measure it better than the base class can
+    thinking_tokens: int|None = None # tokens spent thinking before the answer (billed, not in `text`); None: not reported
 
 @dataclass
 class GenerationResult(Mapping):
@@ -76,6 +77,7 @@ class GenerationResult(Mapping):
     confidence: float|None
     model_version: str
     device: str
+    thinking_tokens: int|None = None  # thinking models: tokens of thought behind the answer (billed as output)
     def __getitem__(self, k): 
         if k not in self._keys(): raise KeyError(k)
         return getattr(self, k)
@@ -234,7 +236,7 @@ class ModelAdapter:
         self.counters = RequestCounters()  # what `get_metrics` reports
         self.admission = Admission(self.max_concurrency, self.config.max_queue)
         self.pinned = 0                   # pipelines using this as their active model: never evicted while > 0
-        self.health_status = 503          # the HTTP status an unhealthy answer means: 503, or 504 when it timed out
+        self.health_status = 503          # the HTTP status an unhealthy answer means: 503; 504 when it timed out, 404 when the model does not exist
         self._health_at: float|None = None
         self._health_ok = False
         self.last_stream_result: GenerationResult|None = None  # timings and counts of the latest finished `stream`
@@ -336,10 +338,10 @@ def _as_adapter_error(self:ModelAdapter, e:BaseException)->AdapterError:
 
 @patch
 def _result(self:ModelAdapter, g:Generation, latency_ms, ttft_ms)->GenerationResult:
-    self.counters.ok(latency_ms, g.tokens, g.prompt_tokens, ttft_ms)
+    self.counters.ok(latency_ms, g.tokens, g.prompt_tokens, ttft_ms, g.thinking_tokens)
     return GenerationResult(text=g.text, latency_ms=latency_ms, tokens=g.tokens, prompt_tokens=g.prompt_tokens,
                             ttft_ms=ttft_ms, finish_reason=g.finish_reason, confidence=g.confidence,
-                            model_version=self.version, device=self.device)
+                            model_version=self.version, device=self.device, thinking_tokens=g.thinking_tokens)
 
 @patch
 def _retry_after_s(self:ModelAdapter)->float:
@@ -410,7 +412,7 @@ def get_metrics(self:ModelAdapter)->dict[str, Any]:
     "Requests, errors, latency percentiles (ms, recent window), time to first token, tokens/s, queue, device, memory"
     s = self.counters.summary()
     keep = ["requests", "errors", "errors_by_type", "latency_avg_ms", "latency_p50_ms", "latency_p95_ms",
-            "latency_p99_ms", "ttft_p50_ms", "tokens_per_s", "samples"]
+            "latency_p99_ms", "ttft_p50_ms", "tokens_per_s", "samples", "thinking_tokens"]
     return dict(model_version=self.version, family=self.family, **{k: s[k] for k in keep}, tokens_generated=s["tokens"],
                 queue=self.admission.stats(), device=self.device, memory_mb=self._memory_mb(), loaded=self.loaded)
 
@@ -425,7 +427,7 @@ async def health_check(self:ModelAdapter,
     try:
         async with asyncio.timeout(limit) as deadline: ok, reason = await self._health()
     except TimeoutError: ok, reason = False, None
-    except AdapterError as e: ok, reason, self.health_status = False, e.message, (504 if e.status_code == 504 else 503)
+    except AdapterError as e: ok, reason, self.health_status = False, e.message, (e.status_code if e.status_code in (404, 504) else 503)
     except Exception as e: ok, reason = False, f"{type(e).__name__}: {e}"
     if deadline.expired():  # also when a backend turned the cancellation into an error of its own
         ok, reason, self.health_status = False, f"health check took longer than {limit:g}s", 504
@@ -435,6 +437,6 @@ async def health_check(self:ModelAdapter,
 
 @patch
 def health_error(self:ModelAdapter)->AdapterError:
-    "The error that the last failed health check means: `AdapterTimeoutError` (504) if it timed out, else 503"
+    "The error that the last failed health check means: `AdapterTimeoutError` (504) if it timed out, 404 if the model does not exist, else 503"
     cls = AdapterTimeoutError if self.health_status == 504 else ModelUnavailableError
-    return cls(f"{self.version}: {self.health_reason or 'unhealthy'}")
+    return cls(f"{self.version}: {self.health_reason or 'unhealthy'}", status_code=self.health_status)
