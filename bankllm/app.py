@@ -422,12 +422,18 @@ async def _models_status(pipe:BankingLLMPipeline, timeout:float=10.0)->list[dict
 # %% ../nbs/50_app.ipynb #f67b3940
 _FINISH = {"stop": "stop", "length": "length", "safety": "content_filter"}
 
+def _usage(r:PipelineResult)->dict:
+    "OpenAI's usage: completion tokens include the thinking tokens, which `reasoning_tokens` counts (Gemini bills both)"
+    p, t = r.prompt_tokens or 0, r.thinking_tokens or 0
+    c = (r.tokens or 0) + t
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "completion_tokens_details": {"reasoning_tokens": t}}
+
 def _completion(r:PipelineResult, cid:str, created:int)->dict:
-    p, c = r.prompt_tokens or 0, r.tokens or 0
     return {"id": cid, "object": "chat.completion", "created": created, "model": r.model_version,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
                          "finish_reason": _FINISH.get(r.finish_reason, "stop"), "logprobs": None}],
-            "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+            "usage": _usage(r),
             "bankllm": {"request_number": r.request_number, "conversation_id": r.conversation_id,
                         "latency_ms": r.latency_ms, "ttft_ms": r.ttft_ms, "confidence": r.confidence,
                         "device": r.device, "pipeline_version": r.pipeline_version}}
@@ -448,9 +454,8 @@ async def _sse_stream(s:PipelineStream, first:str|None, it:AsyncIterator, cid:st
         r = s.result
         yield _sse(chunk({}, _FINISH.get(r.finish_reason if r else "stop", "stop")))
         if include_usage and r is not None:
-            p, c = r.prompt_tokens or 0, r.tokens or 0
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": s.model_version,
-                        "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
+                        "choices": [], "usage": _usage(r)})
     except AdapterError as e:  # headers are gone: the error travels as an event, as OpenAI's API does
         yield _sse(error_body(e.status_code, mask_sensitive(e.message, secrets_), cid))
     except Exception:

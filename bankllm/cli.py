@@ -35,7 +35,7 @@ examples:
   bankllm train --out checkpoints/my_model --steps 4000 --time-limit 1800
 
 settings come from the environment or an env file (--env-file, or BANKLLM_ENV_FILE):
-  LLM_MODEL_VERSION=custom_model_built_0.1.0 | custom_model_built_0.0.0 | qlora_vllm_finetuned_model_v1.0.0 | gemini_3.5_flash_v1.0.0
+  LLM_MODEL_VERSION=custom_model_built_0.1.0 | custom_model_built_0.0.0 | qlora_vllm_finetuned_model_v1.1.0 | gemini_3.5_flash_v1.0.0
   GEMINI_API_KEY, BANKLLM_ADMIN_TOKEN, BANKLLM_DATA_DIR, BANKLLM_DEVICE, ...  (see .env.custom / .env.qlora / .env.gemini)
 """
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from bankllm.adapters.base import AdapterError, BadRequestError, GenerationResult, ModelAdapter, ModelUnavailableError
+from bankllm.adapters.base import BadRequestError, GenerationResult, ModelAdapter, ModelUnavailableError
 from bankllm.factory import ModelFactory
 from conftest import TEST_FAMILY
 

@@ -5,7 +5,7 @@ import asyncio, json, logging
 import httpx
 import pytest
 
-from bankllm.adapters.base import Generation, ModelUnavailableError, RateLimitedError
+from bankllm.adapters.base import ModelUnavailableError, RateLimitedError
 from bankllm.app import MAX_BODY_BYTES, create_app, mask_sensitive, metrics_text
 from bankllm.config import get_config
 from bankllm.factory import ModelFactory
@@ -89,6 +89,7 @@ async def test_openai_plain(client):
     assert b["choices"][0]["message"]["content"].startswith("You asked: ATM fees?")  # the last user message is the prompt
     assert b["choices"][0]["finish_reason"] == "stop"
     u = b["usage"]; assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 0
+    assert u["completion_tokens_details"] == {"reasoning_tokens": 0}  # a model that does not think
 
 async def test_openai_stream(client):
     r = await client.post("/v1/chat/completions", json={"messages": USER, "stream": True, "max_tokens": 4,
@@ -101,7 +102,7 @@ async def test_openai_stream(client):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == "You asked: What are"
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
-    assert chunks[-1]["usage"]["completion_tokens"] == 4
+    assert chunks[-1]["usage"]["completion_tokens"] == 4 and chunks[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
 
 async def test_openai_other_model_is_numbered_and_counted(client):
     r = await client.post("/v1/chat/completions", json={"model": "echo2", "messages": USER})

@@ -3,7 +3,6 @@ import json, multiprocessing as mp
 
 import matplotlib
 matplotlib.use("Agg")
-import pytest
 
 from bankllm.testing import EchoAdapter
 from bankllm.benchmark import (BenchmarkSuite, benchmark_model, concurrency_sweep, format_table, paired_latency,

@@ -8,7 +8,7 @@ from bankllm.adapters.base import BadRequestError
 from bankllm.adapters.custom import CustomAdapter
 from bankllm.data import PlaceholderFiller
 from bankllm.config import get_config
-from bankllm.data import SPECIAL_TOKENS, fill_placeholders
+from bankllm.data import fill_placeholders
 from bankllm.tokenizer import BPETokenizer
 from bankllm.training import save_checkpoint
 from bankllm.transformer import BankingLLM, ModelConfig

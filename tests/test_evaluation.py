@@ -169,7 +169,6 @@ async def test_evaluate_sends_each_questions_history():
         async def _generate(self, prompt, max_tokens, temperature, **kw):
             seen.append(kw.get("history"))
             return await super()._generate(prompt, max_tokens, temperature)
-    import pandas as pd
     dev = bitext_pairs("dev").head(2).assign(history=[[], [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]])
     rep = await evaluate(Recorder("echo_test_0.0.0"), dev)
     assert seen == [None, dev.history[1]] and rep.errors == 0

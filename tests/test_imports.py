@@ -1,6 +1,6 @@
 """The package's import graph: no cycle (imports inside functions count) and no module importing another's private
 names. `import_graph()` is also what the issue reports print: `python tests/test_imports.py`."""
-import ast, sys
+import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1]/"bankllm"

@@ -8,7 +8,7 @@ control (429 + Retry-After at once beyond running + max_queue); cancellation of 
 `/api/v1/benchmark/summary?from_log=true`; secrets and card numbers masked in every log record (uvicorn's access log
 included) and the `mask_sensitive` table; odd inputs (invisible text, a chunked body over 1 MB); hung health checks
 (504, failed switches recorded). Timings are printed (`pytest -s`); only orderings and generous bounds are asserted."""
-import asyncio, json, logging, os, shutil, threading, time
+import asyncio, json, logging, os, shutil, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -449,4 +449,20 @@ def test_retired_and_unknown_gemini_models_are_404s_that_say_why_without_the_key
     for r in (old, typo, chat): assert key not in r.text and "Traceback" not in r.text
     assert not [r for r in fake.requests if "gemini-2.0-flash" in r.path]  # refused before any request to Google
     assert not any(key in r.getMessage() for r in caplog.records)
+    fake.reset()
+
+def test_openai_usage_bills_thinking_tokens_as_completion_tokens(tmp_path):
+    "Gemini 3 thinks before answering and Google bills the thoughts: /v1 counts them, as OpenAI's reasoning_tokens"
+    from fake_gemini import shared_server
+    fake, name = shared_server().reset(), "gemini_3.5_flash_v1.0.0"
+    with serve(tmp_path, models=[name], gemini_api_key="AIzaSy-usage-key-0001", gemini_base_url=fake.url) as srv, \
+         httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/v1/chat/completions", json=oa(name))
+        s = c.post("/v1/chat/completions", json={**oa(name), "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200, r.text
+    u = r.json()["usage"]
+    think = u["completion_tokens_details"]["reasoning_tokens"]
+    assert think > 0 and u["completion_tokens"] > think and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    last = [json.loads(l[6:]) for l in s.text.split("\n") if l.startswith("data: {")][-1]
+    assert last["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
     fake.reset()

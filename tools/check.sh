@@ -42,8 +42,8 @@ tracked_clean nbdev-clean nbs
 step "README.md matches nbs/index.ipynb"
 python tools/readme.py --check
 
-step "ruff (lint: the package and the notebooks; rules in pyproject.toml)"
-ruff check bankllm nbs
+step "ruff (lint: the package, the notebooks, tests and tools; rules in pyproject.toml)"
+ruff check bankllm nbs tools tests
 
 step "nbdev-test (notebooks)"
 timeout 1500 nbdev-test --do-print --timing ${BANKLLM_TEST_FLAGS:+--flags "$BANKLLM_TEST_FLAGS"}

@@ -9,8 +9,8 @@
 3. A bigger (random-weight) Llama in 4 bits: weight memory NF4 vs bf16, QLoRA steps/s and peak memory.
 `--smoke` shrinks everything to check the script on a CPU.
 """
-import json, math, sys, time, traceback
-from dataclasses import asdict, replace
+import json, sys, time, traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ def env():
 RESULTS["env"] = env(); print(RESULTS["env"], flush=True)
 
 from bankllm.data import bitext_pairs
-from bankllm.qlora import QLoRAConfig, SHIPPED_QLORA_CONFIG, SHIPPED_QLORA_VERSION, finetune_qlora, memory_table
+from bankllm.qlora import QLORA_RECIPES, QLoRAConfig, finetune_qlora, memory_table
 from bankllm.training import (RECIPES, checkpoints_dir, make_examples,
                               pick_device, stratified_head, train)
 from bankllm.evaluation import default_classifier
@@ -63,9 +63,11 @@ SUMMARY = lambda rec: {k: rec[k] for k in ("steps", "train_seconds", "steps_per_
 
 @part("qlora_shipped_recipe")
 def _():
-    cfg = replace(SHIPPED_QLORA_CONFIG, device=str(DEV), **(dict(steps=4, eval_every=2) if SMOKE else {}))
+    version = "qlora_vllm_finetuned_model_v1.0.0"  # the recipe measured in benchmarks/gpu_h200.json (Bitext, 0.0.0 base)
+    base, cfg, _ = QLORA_RECIPES[version]
+    cfg = replace(cfg, device=str(DEV), **(dict(steps=4, eval_every=2) if SMOKE else {}))
     out = OUT/"qlora_adapter"
-    r = finetune_qlora("custom_model_built_0.0.0", out, cfg, version=SHIPPED_QLORA_VERSION, progress=False)
+    r = finetune_qlora(base, out, cfg, version=version, progress=False)
     return dict(SUMMARY(r.record), dev_losses=[round(h["dev_loss"], 4) for h in r.history if "dev_loss" in h])
 
 @part("qlora_memory_custom")

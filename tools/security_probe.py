@@ -416,8 +416,8 @@ def write_big_log(path:Path, target_bytes:int=50_000_000, seed:int=0)->dict:
                        started_at="2025-01-01T00:00:00.000+00:00", finished_at="2025-01-01T00:00:01.000+00:00",
                        duration_ms=1000.0, triggered_by=n*100, coalesced=[], triggers=1, request_count=n*100,
                        active_model=CUSTOM, pipeline_version="1.0.0", pid=1, suite={},
-                       models=[model(CUSTOM, "custom", 4.0), model("qlora_vllm_finetuned_model_v1.0.0", "qlora", 5.0),
-                               dict(model_version="gemini_2.0_flash_v1.0.0", family="gemini", status="unavailable",
+                       models=[model(CUSTOM, "custom", 4.0), model("qlora_vllm_finetuned_model_v1.1.0", "qlora", 5.0),
+                               dict(model_version="gemini_3.5_flash_v1.0.0", family="gemini", status="unavailable",
                                     reason="no key", latencies_ms=[], errors=0, quality_n=0)])
             line = json.dumps(rec, separators=(",", ":")) + "\n"
             f.write(line); size += len(line)

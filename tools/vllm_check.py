@@ -11,7 +11,7 @@
    engine against it.
 The vLLM engine needs a `__main__` guard: it starts worker processes.
 """
-import asyncio, json, os, subprocess, sys, tempfile, time, traceback
+import asyncio, json, subprocess, sys, tempfile, time, traceback
 from pathlib import Path
 
 QS = ["How do I activate my new card?", "I want to close my savings account", "What are the fees for international transfers?"]
