@@ -81,19 +81,20 @@ def build_parser()->argparse.ArgumentParser:
                    help='concurrency sweep levels, comma-separated (default "1,4,16"; "" = no sweep)')
     b.add_argument("--out", default="benchmarks", metavar="DIR", help="where to write benchmark.jsonl and the PNGs (default benchmarks/)")
     _env(b)
-    t = sub.add_parser("train", help="train the from-scratch model", formatter_class=P,
+    t = sub.add_parser("train", help="train the from-scratch model or a QLoRA adapter", formatter_class=P,
                        description="Train the tokenizer and the from-scratch model on the Bitext training split, select on dev, "
                                    "save a checkpoint (safetensors + record). Needs the data (BANKLLM_DATA_DIR or a download).",
                        epilog="example: bankllm train --out checkpoints/my_model --steps 4000 --time-limit 1800\n"
-                              "then:    BANKLLM_CUSTOM_CHECKPOINT=checkpoints/my_model bankllm chat \"ATM fees?\"")
-    t.add_argument("--out", default="checkpoints/custom_model", metavar="DIR", help="checkpoint folder (default checkpoints/custom_model)")
+                              "then:    BANKLLM_CUSTOM_CHECKPOINT=checkpoints/my_model bankllm chat \"ATM fees?\"\n"
+                              "adapter: bankllm train --version qlora_vllm_finetuned_model_v1.1.0 --steps 20")
+    t.add_argument("--out", metavar="DIR", help="checkpoint or adapter folder (default checkpoints/custom_model, or checkpoints/<version> for an adapter)")
     t.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     t.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop after this long, keeping the best checkpoint")
     t.add_argument("--batch-size", type=int, help="examples per step (default: the recipe's)")
     t.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (default 4096)")
     t.add_argument("--device", default="auto", help='"auto" (CUDA when present), "cpu", "cuda", ... (default auto)')
     t.add_argument("--version", default="custom_model_built_0.1.0",
-                   help="version recorded with the checkpoint; a shipped version (custom_model_built_0.0.0, custom_model_built_0.1.0) trains with its recipe (default custom_model_built_0.1.0)")
+                   help="version recorded with the checkpoint; a shipped version trains with its recipe: custom_model_built_0.0.0, custom_model_built_0.1.0 (default), or a QLoRA adapter, qlora_vllm_finetuned_model_v1.0.0 or v1.1.0 (needs the qlora extra)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _env(t)
     return p
@@ -182,19 +183,31 @@ def cmd_bench(a)->int:
     return 0 if (df.status == "ok").any() else 1
 
 def cmd_train(a)->int:
-    "bankllm train"
+    "bankllm train: the from-scratch model, or a QLoRA adapter when `--version` names one (`QLORA_RECIPES`)"
     from dataclasses import replace
-    from bankllm.training import RECIPES, SHIPPED_VERSION, train_custom_model
     cfg = _config(a)
-    model_cfg, tc, mix = RECIPES.get(a.version, RECIPES[SHIPPED_VERSION])  # a new version starts from the shipped recipe
     given = dict(steps=a.steps, batch_size=a.batch_size, time_limit_s=a.time_limit)
-    tc = replace(tc, device=a.device, **{k: v for k, v in given.items() if v is not None})
-    model_cfg = replace(model_cfg, vocab_size=a.vocab_size)
-    _, _, record = train_custom_model(a.out, model_cfg, tc, vocab_size=a.vocab_size, data_dir=cfg.data_dir,
-                                      version=a.version, mix=mix, progress=not a.no_progress)
-    keys = ["version", "params", "steps", "train_seconds", "best_step", "best_dev_loss", "best_dev_topic_accuracy"]
+    given = {k: v for k, v in given.items() if v is not None}
+    if a.version.startswith("qlora_"):
+        try: from bankllm.qlora import QLORA_RECIPES, finetune_recipe
+        except ImportError as e: raise SystemExit(f"QLoRA training needs the qlora extra (pip install -e \".[qlora]\"): {e}")
+        if a.version not in QLORA_RECIPES: raise SystemExit(f"no QLoRA recipe for {a.version}: known are {', '.join(QLORA_RECIPES)}")
+        out = a.out or f"checkpoints/{a.version}"
+        record = finetune_recipe(a.version, out, cfg.data_dir, progress=not a.no_progress, device=a.device, **given).record
+        keys = ["version", "base", "steps", "train_seconds", "trainable_params", "final_train_loss", "final_dev_loss"]
+        use = f"BANKLLM_QLORA_ADAPTER={out} LLM_MODEL_VERSION={a.version}"
+    else:
+        from bankllm.training import RECIPES, SHIPPED_VERSION, train_custom_model
+        model_cfg, tc, mix = RECIPES.get(a.version, RECIPES[SHIPPED_VERSION])  # a new version starts from the shipped recipe
+        tc = replace(tc, device=a.device, **given)
+        model_cfg = replace(model_cfg, vocab_size=a.vocab_size)
+        out = a.out or "checkpoints/custom_model"
+        _, _, record = train_custom_model(out, model_cfg, tc, vocab_size=a.vocab_size, data_dir=cfg.data_dir,
+                                          version=a.version, mix=mix, progress=not a.no_progress)
+        keys = ["version", "params", "steps", "train_seconds", "best_step", "best_dev_loss", "best_dev_topic_accuracy"]
+        use = f"BANKLLM_CUSTOM_CHECKPOINT={out}"
     print("\n".join(f"{k:>24}: {record.get(k)}" for k in keys))
-    print(f"saved to {a.out}: use it with BANKLLM_CUSTOM_CHECKPOINT={a.out}")
+    print(f"saved to {out}: use it with {use}")
     return 0
 
 # %% ../nbs/40_cli.ipynb #48f1b5d0

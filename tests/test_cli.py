@@ -120,3 +120,20 @@ def test_train_reproduces_a_shipped_recipe_and_flags_override_it(monkeypatch, tm
     assert main(["train", "--out", str(tmp_path), "--version", "custom_model_built_0.0.0", "--steps", "7", "--no-progress"]) == 0
     _, mc, tc, kw = calls[-1]
     assert kw["mix"] is None and mc.block_size == 320 and tc.steps == 7 and tc.batch_size == 16
+
+
+def test_train_a_shipped_adapter_recipe_for_real(tmp_path, capsys):
+    "`bankllm train --version qlora_…` runs `finetune_recipe` (4-bit base, the recipe's mix) and saves a loadable adapter"
+    from bankllm.config import get_config
+    pytest.importorskip("peft"); pytest.importorskip("bitsandbytes")
+    if not get_config().data_dir: pytest.skip("needs the data sets (BANKLLM_DATA_DIR)")
+    out = tmp_path/"adapter"
+    assert main(["train", "--version", "qlora_vllm_finetuned_model_v1.1.0", "--steps", "1", "--batch-size", "2",
+                 "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "base: custom_model_built_0.1.0" in text and f"BANKLLM_QLORA_ADAPTER={out}" in text
+    rec = json.loads((out/"training.json").read_text())
+    assert rec["steps"] == 1 and rec["config"]["max_len"] == 512 and set(rec["dev_loss_by_set"]) == {"bitext", "real", "scope", "follow_up"}
+    assert rec["data"]["mix"]["out_of_scope_share"] == 0.3 and (out/"adapter_model.safetensors").is_file()
+    with pytest.raises(SystemExit, match="known are qlora_vllm_finetuned_model_v1.0.0"):
+        main(["train", "--version", "qlora_vllm_finetuned_model_v9.0.0"])
