@@ -13,11 +13,11 @@ import argparse, asyncio, json, time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bankllm.adapters.custom import CustomAdapter
+from bankllm.adapters.custom import CustomAdapter, stored_quality
 from bankllm.adapters.qlora import QLoRAAdapter
 from bankllm.config import get_config
 from bankllm.data import eval_sets
-from bankllm.evaluation import dev_goals, stored_quality
+from bankllm.evaluation import dev_goals
 from bankllm.qlora import QLORA_RECIPES, finetune_qlora, recipe_data
 
 BASE, RECIPE = "custom_model_built_0.0.0", "qlora_vllm_finetuned_model_v1.1.0"
