@@ -108,16 +108,25 @@ class Settings(BaseSettings):
     gemini_max_retry_s: float = Field(30.0, ge=0) # total time budget for the retries
     gemini_logprobs: bool = False       # ask for token log-probs (confidence); several models reject it with a 400
     gemini_thinking: str = "auto"      # how much thinking models think: auto (the least each model allows), minimal, low, medium, high
+    # conversations (`bankllm.conversations`) and fallbacks (`bankllm.pipeline`)
+    state_dir: Path|None = None         # what the server keeps between restarts; None: `cache_dir`/state
+    conversation_store: str|None = None # sqlite:///path (default: a file in `state_dir`), memory://, redis://host:port/db
+    conversation_max_turns: int = Field(20, ge=1, le=1000)  # turns kept per conversation: older ones are forgotten
+    conversation_ttl_s: float = Field(86_400.0, gt=0)       # a conversation idle this long is deleted
+    conversation_max: int = Field(100_000, ge=1)            # conversations kept: past this, the least recently used go
+    fallbacks: Annotated[list[str], NoDecode] = []  # models that answer, in order, when the active one cannot (comma-separated)
+    cooldown_failures: int = Field(3, ge=1)          # consecutive failures that take a model out of rotation
+    cooldown_s: float = Field(30.0, ge=0)            # for this long (the circuit breaker's open state)
 
     @field_validator("benchmark_log", "custom_checkpoint")
     @classmethod
     def _expand(cls, v): return None if v is None else Path(v).expanduser()
 
-    @field_validator("data_dir", "cache_dir")
+    @field_validator("data_dir", "cache_dir", "state_dir")
     @classmethod
     def _absolute(cls, v): return None if v is None else Path(v).expanduser().absolute()  # once, from the cwd of now
 
-    @field_validator("models", "checkpoint_dirs", mode="before")
+    @field_validator("models", "checkpoint_dirs", "fallbacks", mode="before")
     @classmethod
     def _split(cls, v): return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
@@ -131,7 +140,7 @@ class Settings(BaseSettings):
         if isinstance(v, str) and v.strip().lower() in THINKING_LEVELS: return v.strip().lower()
         raise ValueError(f"BANKLLM_GEMINI_THINKING must be one of {', '.join(THINKING_LEVELS)}, got {v!r}")
 
-    @field_validator("models")
+    @field_validator("models", "fallbacks")
     @classmethod
     def _names(cls, v):
         if bad := [x for x in v if not valid_name(x)]: raise ValueError(f"not valid model versions: {bad}")

@@ -6,17 +6,18 @@ Docs: https://bankllm.github.io/bankllm/data.html.md"""
 
 # %% auto #0
 __all__ = ['DATA_SOURCES', 'DOWNLOAD_TIMEOUT', 'SPLITS', 'DEV_FRACTION', 'SEED', 'BITEXT_COLUMNS', 'PLACEHOLDER_RE',
-           'SPECIAL_TOKENS', 'STOP_TOKENS', 'SYSTEM_PROMPT', 'HISTORY_ANSWER_WORDS', 'OUT_OF_SCOPE', 'BANKING77_MAP',
-           'SCOPE_ANSWER', 'OFF_DOMAIN', 'CREDENTIAL_ASK_RE', 'FOLLOW_UPS', 'BANK_NAMES', 'MIX_COLUMNS', 'EVAL_SETS',
-           'file_sha256', 'download_file', 'data_file', 'stratified_split', 'load_banking77', 'load_bitext',
-           'placeholders_in', 'fill_placeholders', 'PlaceholderFiller', 'system_prompt', 'normalize_question',
-           'clip_answer', 'chat_messages', 'format_prompt', 'format_example', 'bitext_pairs', 'banking77_mapped',
-           'off_domain_requests', 'asks_for_credentials', 'drop_credential_asks', 'CredentialGuard', 'guard_text',
-           'follow_up_questions', 'follow_ups', 'perturb', 'training_mix', 'eval_sets']
+           'SPECIAL_TOKENS', 'STOP_TOKENS', 'SYSTEM_PROMPT', 'HISTORY_ANSWER_WORDS', 'ANSWER_ROOM', 'OUT_OF_SCOPE',
+           'BANKING77_MAP', 'SCOPE_ANSWER', 'OFF_DOMAIN', 'CREDENTIAL_ASK_RE', 'FOLLOW_UPS', 'BANK_NAMES',
+           'MIX_COLUMNS', 'EVAL_SETS', 'file_sha256', 'download_file', 'data_file', 'stratified_split',
+           'load_banking77', 'load_bitext', 'placeholders_in', 'fill_placeholders', 'PlaceholderFiller',
+           'system_prompt', 'normalize_question', 'clip_answer', 'chat_messages', 'system_with', 'history_turns',
+           'fit_history', 'format_prompt', 'format_example', 'bitext_pairs', 'banking77_mapped', 'off_domain_requests',
+           'asks_for_credentials', 'drop_credential_asks', 'CredentialGuard', 'guard_text', 'follow_up_questions',
+           'follow_ups', 'perturb', 'training_mix', 'eval_sets']
 
 # %% ../nbs/01_data.ipynb #8058a533
 import hashlib, os, random, re, shutil, tempfile, urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -228,6 +229,30 @@ def chat_messages(question:str,                 # the customer's message
             msgs.append({"role": "assistant", "content": _no_special(clip_answer(m["content"]), "earlier answer")})
         else: raise ValueError(f"history roles are 'user' and 'assistant', got {m['role']!r}")
     return msgs + [{"role": "user", "content": normalize_question(question)}]
+
+def system_with(bank:str|None,    # the bank's own instruction: always first
+                client:str|None,  # what a client's system message adds
+               )->str|None:
+    "One system prompt: the bank's instruction, then the client's addition (a client adds, it never replaces)"
+    return "\n\n".join(s.strip() for s in (bank, client) if s and s.strip()) or None
+
+def history_turns(history:Sequence[dict])->list[list[dict]]:
+    "Earlier messages grouped into turns: a user message and the answers that follow it"
+    turns: list[list[dict]] = []
+    for m in history:
+        if m["role"] == "user" or not turns: turns.append([m])
+        else: turns[-1].append(m)
+    return turns
+
+ANSWER_ROOM = 128  # tokens kept free for the answer when history is cut to fit a context window
+
+def fit_history(history:Sequence[dict],              # earlier turns, oldest first
+                fits:Callable[[list[dict]], bool],  # does the prompt with these earlier messages fit?
+               )->tuple[list[dict], int]:           # (the newest whole turns that fit, turns dropped)
+    "Keep the newest whole turns that fit; older ones are dropped first, never half a turn"
+    turns, n = history_turns(history), 0
+    while n < len(turns) and fits([m for t in turns[len(turns)-n-1:] for m in t]): n += 1
+    return [m for t in turns[len(turns)-n:] for m in t], len(turns) - n
 
 def format_prompt(question:str,               # the customer's message
                   system:str|None=None,       # optional system prompt, e.g. `system_prompt()`

@@ -6,7 +6,8 @@ Docs: https://bankllm.github.io/bankllm/pipeline.html.md"""
 
 # %% auto #0
 __all__ = ['PIPELINE_VERSION', 'log', 'LOG_ROUNDS_KEPT', 'LATENCY_BUCKETS_S', 'PipelineResult', 'PipelineMetrics',
-           'BenchmarkRound', 'BankingLLMPipeline', 'PipelineStream', 'SwitchResult', 'pipeline_overhead']
+           'fallback_reason', 'Cooldowns', 'BenchmarkRound', 'BankingLLMPipeline', 'PipelineStream', 'SwitchResult',
+           'pipeline_overhead']
 
 # %% ../nbs/30_pipeline.ipynb #bd3be977
 import asyncio, logging, os, threading, time, uuid
@@ -21,9 +22,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .adapters.base import AdapterError, GenerationResult, ModelAdapter, ModelUnavailableError, background_priority
+from .adapters.base import (AdapterError, AdapterTimeoutError, ContextWindowError, GenerationResult,
+                                   ModelAdapter, ModelUnavailableError, background_priority)
 from .benchmark import BenchmarkSuite, paired_latency, run_round, summarize_rounds
 from .config import Settings, get_config
+from .conversations import new_conversation_id
 from .data import CredentialGuard, PlaceholderFiller, fill_placeholders, guard_text
 from .factory import DEFAULT_VERSIONS, ModelFactory, parse_version
 from .records import JsonlFollower, RequestCounters, append_jsonl, utc_now
@@ -41,6 +44,7 @@ class PipelineResult(GenerationResult):
     conversation_id: str = ""
     request_number: int = 0
     pipeline_version: str = PIPELINE_VERSION
+    fallbacks: list[dict] = field(default_factory=list)  # models tried before the one that answered, with their reasons
 
 _GEN_KEYS = tuple(f.name for f in fields(GenerationResult))
 
@@ -60,6 +64,17 @@ class _QueueCollector(Collector):
             yield fam
         yield CounterMetricFamily("bankllm_model_evictions", "Idle models evicted from the cache (BANKLLM_MAX_MODELS).",
                                   value=ModelFactory.evictions)
+
+class _CooldownCollector(Collector):
+    "Scrape-time gauges of each model's circuit breaker"
+    def __init__(self, cooldowns): self.cooldowns = cooldowns  # called at scrape time
+    def collect(self):
+        snap = self.cooldowns().snapshot()
+        for name, help_, key in [("bankllm_model_cooling_down_seconds", "Seconds a model still sits out after repeated failures (0: in rotation).", "cooling_down_s"),
+                                 ("bankllm_model_consecutive_failures", "Failures in a row, per model (reset by a success).", "consecutive_failures")]:
+            fam = GaugeMetricFamily(name, help_, labels=["model"])
+            for m, s in snap.items(): fam.add_metric([m], s[key])
+            yield fam
 
 class PipelineMetrics:
     "Live traffic per model: `RequestCounters` for `get_metrics()`, the same events as Prometheus metrics in `registry`"
@@ -107,6 +122,37 @@ class PipelineMetrics:
         buckets = self.latency_buckets()
         return {m: {**c.summary(), "latency_buckets": buckets.get(m, {})} for m, c in self.per_model.items()}
 
+# %% ../nbs/30_pipeline.ipynb #96495735
+def fallback_reason(e:BaseException)->str|None:
+    "Why the next model should answer after `e`; None when the request itself is at fault"
+    if isinstance(e, ContextWindowError): return "context_window"
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)): return "timeout"
+    if not isinstance(e, AdapterError): return None
+    return {429: "rate_limited", 503: "unavailable", 504: "timeout"}.get(e.status_code,
+                                                                          "error" if e.status_code >= 500 else None)
+
+class Cooldowns:
+    "A circuit breaker per model: after `failures` consecutive failures it sits out `cooldown_s`, then gets one try"
+    def __init__(self, failures:int=3, cooldown_s:float=30.0):
+        self.failures, self.cooldown_s, self._state = failures, cooldown_s, {}
+    def _s(self, model): return self._state.setdefault(model, dict(consecutive_failures=0, until=0.0, cooldowns=0, last_reason=None))
+    def cooling(self, model:str)->float:
+        "Seconds `model` still sits out (0: it may be tried)"
+        s = self._state.get(model)
+        return max(0.0, s["until"] - time.monotonic()) if s else 0.0
+    def failed(self, model:str, reason:str, retry_after:float|None=None):
+        "Count a failure; open the breaker after `failures` in a row, or at once for a backend's `Retry-After`"
+        s = self._s(model); s["consecutive_failures"] += 1; s["last_reason"] = reason
+        if s["consecutive_failures"] >= self.failures or retry_after:
+            s["until"] = time.monotonic() + max(self.cooldown_s, retry_after or 0.0); s["cooldowns"] += 1
+    def succeeded(self, model:str):
+        "Close the breaker"
+        if model in self._state: self._state[model].update(consecutive_failures=0, until=0.0)
+    def snapshot(self)->dict[str, dict]:
+        "Per model: consecutive failures, seconds left cooling down, cooldowns so far, the last reason"
+        return {m: dict(consecutive_failures=s["consecutive_failures"], cooling_down_s=round(self.cooling(m), 3),
+                        cooldowns=s["cooldowns"], last_reason=s["last_reason"]) for m, s in self._state.items()}
+
 # %% ../nbs/30_pipeline.ipynb #711dcf9f
 @dataclass
 class BenchmarkRound:
@@ -152,6 +198,9 @@ class BankingLLMPipeline:
         self._log_follower = JsonlFollower(self.benchmark_log, self.config.benchmark_log_backups)
         self._log_rounds: deque[dict] = deque(maxlen=LOG_ROUNDS_KEPT)  # the newest rounds read from the log
         self.log_rounds_read = 0
+        self.fallbacks = list(self.config.fallbacks)  # names, tried in order when a model cannot answer
+        self.cooldowns = Cooldowns(self.config.cooldown_failures, self.config.cooldown_s)
+        self.fallback_counts: dict[str, int] = {}     # "model:reason" -> requests that went on to the next model
 
     def __repr__(self): return f"BankingLLMPipeline(model={self.model.version!r}, requests={self._count})"
     @property
@@ -173,6 +222,9 @@ class BankingLLMPipeline:
         self._rounds_started = Counter("bankllm_benchmark_rounds", "Benchmark rounds started.", registry=r)
         self._coalesced = Counter("bankllm_benchmark_triggers_coalesced", "Benchmark triggers folded into a round in flight.",
                                   registry=r)
+        self._fallback_total = Counter("bankllm_fallbacks", "Requests a model could not answer, passed to the next model, by reason.",
+                                       ["model", "reason"], registry=r)
+        r.register(_CooldownCollector(lambda: self.cooldowns))
         r.register(_QueueCollector(lambda: [self.model, *(a for a in ModelFactory.loaded() if a is not self.model)]))
 
 # %% ../nbs/30_pipeline.ipynb #78992d86
@@ -276,7 +328,9 @@ async def _run_round(self:BankingLLMPipeline, rd:BenchmarkRound)->dict:
                   started_at=started, finished_at=utc_now(), duration_ms=(time.perf_counter()-t0)*1000,
                   triggered_by=rd.trigger, coalesced=list(rd.coalesced), triggers=1+len(rd.coalesced),
                   request_count=self._count, active_model=self.model.version, pipeline_version=PIPELINE_VERSION,
-                  pid=os.getpid(), suite=self.suite.to_dict(), models=models)
+                  pid=os.getpid(), suite=self.suite.to_dict(), models=models,
+                  fallbacks=dict(order=list(self.fallbacks), by_model_reason=dict(self.fallback_counts),  # live traffic so far
+                                 cooldowns=self.cooldowns.snapshot()))
     self.rounds.append(record)
     try:
         async with self._log_lock:
@@ -286,6 +340,47 @@ async def _run_round(self:BankingLLMPipeline, rd:BenchmarkRound)->dict:
     return record
 
 # %% ../nbs/30_pipeline.ipynb #d0ce736a
+@patch
+def _attempts(self:BankingLLMPipeline, first:ModelAdapter, tried:list[dict])->list[ModelAdapter]:
+    "`first`, then the fallbacks, without models cooling down (noted in `tried`); all cooling down: `first` alone"
+    chain = [first]
+    for name in self.fallbacks:
+        try: a = ModelFactory.create(name, self.config)
+        except (ValueError, AdapterError) as e:
+            log.warning("fallback %s cannot be created: %s", name, e); continue
+        if all(a is not c for c in chain): chain.append(a)
+    if len(chain) == 1: return chain
+    usable = []
+    for a in chain:
+        if (left := self.cooldowns.cooling(a.version)) > 0:
+            tried.append(dict(model=a.version, reason="cooling_down", status=None,
+                              error=f"skipped: {left:.0f}s left of its cooldown after repeated failures"))
+        else: usable.append(a)
+    if not usable: tried.clear()  # nothing is in rotation: try the first anyway rather than refuse at once
+    return usable or chain[:1]
+
+@patch
+def _failed_over(self:BankingLLMPipeline, m:ModelAdapter, e:BaseException, tried:list[dict], last:bool)->bool:
+    "Note `m`'s failure; True when the next model should answer"
+    reason = fallback_reason(e)
+    if reason is not None and reason != "context_window":  # a long conversation says nothing about the model's health
+        self.cooldowns.failed(m.version, reason, getattr(e, "retry_after", None) if reason == "rate_limited" else None)
+    if reason is None or last: return False
+    self.metrics.fail(m.version, e)
+    self._fallback_total.labels(m.version, reason).inc()
+    self.fallback_counts[f"{m.version}:{reason}"] = self.fallback_counts.get(f"{m.version}:{reason}", 0) + 1
+    tried.append(dict(model=m.version, reason=reason, status=getattr(e, "status_code", None),
+                      error=(getattr(e, "message", None) or str(e) or type(e).__name__)[:300]))
+    log.warning("%s could not answer (%s); trying the next model", m.version, reason)
+    return True
+
+def _with_tried(e:BaseException, tried:list[dict])->BaseException:
+    "`e`, its message naming the models tried before (when there were any)"
+    if tried and isinstance(e, AdapterError):
+        e.message = f"{e.message} (tried before: " + "; ".join(f"{t['model']}: {t['reason']}" for t in tried) + ")"
+        e.fallbacks = tried
+    return e
+
 @patch
 def _fill_text(self:BankingLLMPipeline, text:str)->str:
     return fill_placeholders(text, self.profile) if self.fill and "{{" in text else text
@@ -298,18 +393,28 @@ async def generate(self:BankingLLMPipeline,
                    temperature:float=0.7,      # 0 = greedy
                    model:ModelAdapter|None=None, # answer with this model instead of the active one (numbered and counted the same)
                    **kw)->PipelineResult:
-    "Answer `prompt` with the active model; adds `conversation_id`, `request_number`, `pipeline_version`"
-    n, model = self.begin_request(), model or self.model
-    try: r = await model.generate(prompt, max_tokens=max_tokens, temperature=temperature, **kw)
-    except asyncio.CancelledError:  # the caller gave up (a client went away): not a model error
-        self.end_request(model); raise
-    except BaseException as e:
-        self.end_request(model, error=e); raise
-    self.end_request(model, result=r)
+    "Answer `prompt` with the active model (or the next of `fallbacks`); adds `conversation_id`, `request_number`, `pipeline_version`, `fallbacks`"
+    n, tried = self.begin_request(), []
+    attempts, deadline = self._attempts(model or self.model, tried), time.monotonic() + self.config.request_timeout_s
+    for i, m in enumerate(attempts):
+        last, left = i == len(attempts) - 1, deadline - time.monotonic()
+        try:  # a model that is not the last gets half the time left: the next one still has time to answer
+            async with asyncio.timeout(left if last else left/2):
+                r = await m.generate(prompt, max_tokens=max_tokens, temperature=temperature, **kw)
+        except asyncio.CancelledError:  # the caller gave up (a client went away): not a model error
+            self.end_request(m); raise
+        except BaseException as e:
+            if isinstance(e, TimeoutError): e = AdapterTimeoutError(f"{m.version}: no answer within the request's deadline")
+            if not self._failed_over(m, e, tried, last):
+                self.end_request(m, error=e); raise _with_tried(e, tried)
+            continue
+        self.cooldowns.succeeded(m.version)
+        break
+    self.end_request(m, result=r)
     vals = {k: getattr(r, k) for k in _GEN_KEYS}
     vals["text"] = self._fill_text(guard_text(r.text))  # no credential asks reach a customer (`CredentialGuard`)
-    return PipelineResult(**vals, conversation_id=conversation_id or uuid.uuid4().hex, request_number=n,
-                          pipeline_version=PIPELINE_VERSION)
+    return PipelineResult(**vals, conversation_id=conversation_id or new_conversation_id(), request_number=n,
+                          pipeline_version=PIPELINE_VERSION, fallbacks=tried)
 
 # %% ../nbs/30_pipeline.ipynb #2230bf16
 class PipelineStream:
@@ -318,10 +423,11 @@ class PipelineStream:
                  temperature:float, kw:dict, model:ModelAdapter|None=None):
         self.pipeline, self.model = pipeline, model or pipeline.model
         self.prompt, self.max_tokens, self.temperature, self.kw = prompt, max_tokens, temperature, kw
-        self.conversation_id = conversation_id or uuid.uuid4().hex
+        self.conversation_id = conversation_id or new_conversation_id()
         self.request_number = pipeline.begin_request()
         self.model_version = self.model.version
         self.result: PipelineResult|None = None
+        self.fallbacks: list[dict] = []   # models tried before the one streaming, with their reasons
         self._started = self._finished = False
 
     def __aiter__(self)->AsyncIterator[str]:
@@ -329,13 +435,31 @@ class PipelineStream:
         self._started = True
         return self._deltas()
 
+    async def _open(self)->tuple[AsyncIterator[str], str|None]:
+        "The first model (active, then fallbacks) that streams a first delta: its stream and that delta"
+        p = self.pipeline
+        attempts = p._attempts(self.model, self.fallbacks)
+        for i, m in enumerate(attempts):
+            self.model, self.model_version = m, m.version
+            src = aiter(m.stream(self.prompt, max_tokens=self.max_tokens, temperature=self.temperature, **self.kw))
+            try: return src, await anext(src, None)  # a stream falls back only before its first token
+            except BaseException as e:
+                await src.aclose()
+                if isinstance(e, Exception) and p._failed_over(m, e, self.fallbacks, i == len(attempts) - 1): continue
+                raise _with_tried(e, self.fallbacks)
+
     async def _deltas(self):
-        p, m = self.pipeline, self.model
+        p = self.pipeline
         filler = PlaceholderFiller(p.profile) if p.fill else None
         guard = CredentialGuard()
         t0, ttft, parts = time.perf_counter(), None, []
         try:
-            async for d in m.stream(self.prompt, max_tokens=self.max_tokens, temperature=self.temperature, **self.kw):
+            src, first = await self._open()
+            m = self.model
+            async def chained():
+                if first is not None: yield first
+                async for d in src: yield d
+            async for d in chained():
                 if not (d := guard.feed(d)): continue
                 if filler and not (d := filler.feed(d)): continue
                 if ttft is None: ttft = (time.perf_counter()-t0)*1000
@@ -352,7 +476,9 @@ class PipelineStream:
         vals = {k: getattr(final, k) for k in _GEN_KEYS} if final else dict(
             tokens=None, prompt_tokens=None, finish_reason="stop", confidence=None, device=m.device)
         vals.update(text="".join(parts), latency_ms=ms, ttft_ms=ttft, model_version=m.version)
-        self.result = PipelineResult(**vals, conversation_id=self.conversation_id, request_number=self.request_number)
+        self.result = PipelineResult(**vals, conversation_id=self.conversation_id, request_number=self.request_number,
+                                     fallbacks=self.fallbacks)
+        p.cooldowns.succeeded(m.version)
         self._end(result=self.result)
 
     def _end(self, result=None, error=None):
@@ -429,6 +555,8 @@ def get_metrics(self:BankingLLMPipeline)->dict:
                 in_flight=self.in_flight, latency_buckets_s=list(LATENCY_BUCKETS_S),
                 models=self.metrics.summary(), queues=queued,
                 evictions=ModelFactory.evictions,
+                fallbacks=dict(order=list(self.fallbacks), by_model_reason=dict(self.fallback_counts),
+                               cooldowns=self.cooldowns.snapshot()),
                 benchmark=dict(rounds_started=self.rounds_run, rounds_logged=len(self.rounds), triggers=self.triggers,
                                triggers_coalesced=self.triggers_coalesced, round_in_flight=self._round is not None))
 

@@ -30,7 +30,7 @@ ADAPTER_BUILDERS["gemini"] = _gemini
 FAMILIES = sorted({*ModelFactory.REGISTRY, TEST_FAMILY})
 PROMPT = "I still have not received my new card, what should I do?"
 RESULT_KEYS = {"text", "latency_ms", "tokens", "prompt_tokens", "ttft_ms", "finish_reason", "confidence",
-               "model_version", "device", "thinking_tokens"}
+               "model_version", "device", "thinking_tokens", "turns_dropped"}
 
 
 @pytest.fixture(params=FAMILIES)

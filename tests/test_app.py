@@ -32,7 +32,7 @@ def families():
 
 def make_cfg(tmp_path, **kw):
     return get_config(**{"llm_model_version": "custom-test", "benchmark_log": tmp_path/"bench.jsonl",
-                         "admin_token": ADMIN, "gemini_api_key": GEMINI_KEY, "benchmark_interval_requests": 1000, **kw})
+                         "admin_token": ADMIN, "gemini_api_key": GEMINI_KEY, "benchmark_interval_requests": 1000, "state_dir": tmp_path/"state", **kw})
 
 def make_app(tmp_path, model=None, **kw):
     cfg = make_cfg(tmp_path, **kw)
@@ -53,10 +53,14 @@ def err(r): return r.json()["error"]
 # --- every route ---------------------------------------------------------------------------------------
 
 async def test_chat(client):
-    r = await client.post("/api/v1/chat", json={"message": "What are the ATM fees?", "conversation_id": "c-1", "max_tokens": 5})
+    cid = "3f2b8c1e-9a4d-4e7b-8c2a-1b2c3d4e5f60"  # a client's own id (a UUID4) starts a conversation under it
+    r = await client.post("/api/v1/chat", json={"message": "What are the ATM fees?", "conversation_id": cid, "max_tokens": 5})
     assert r.status_code == 200, r.text
     b = r.json()
-    assert b["text"].startswith("You asked") and b["conversation_id"] == "c-1" and b["request_number"] == 1
+    assert b["text"].startswith("You asked") and b["conversation_id"] == cid and b["request_number"] == 1
+    # the original API's fields, beside the richer ones
+    assert b["response"] == b["text"] and b["latency_ms"] > 0 and b["model_version"] == "custom-test"
+    assert "confidence" in b and b["turns_dropped"] == 0 and b["fallbacks"] == [] and b["history_turns"] == 0
     assert b["model_version"] == "custom-test" and b["tokens"] == 5 and b["finish_reason"] == "length"
     assert len(r.headers["x-request-id"]) >= 8
 

@@ -43,7 +43,7 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
-    cfg = get_config(llm_model_version="echo", benchmark_log=tmp/"bench.jsonl", admin_token=ADMIN,
+    cfg = get_config(llm_model_version="echo", benchmark_log=tmp/"bench.jsonl", admin_token=ADMIN, state_dir=tmp/"state",
                      benchmark_interval_requests=100)
     pipe = BankingLLMPipeline(cfg, model=EchoAdapter("echo", cfg), benchmark_models=["echo"],
                               suite=BenchmarkSuite(n_dev=0, warmup=0, max_tokens=8))

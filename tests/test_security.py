@@ -8,7 +8,7 @@ control (429 + Retry-After at once beyond running + max_queue); cancellation of 
 `/api/v1/benchmark/summary?from_log=true`; secrets and card numbers masked in every log record (uvicorn's access log
 included) and the `mask_sensitive` table; odd inputs (invisible text, a chunked body over 1 MB); hung health checks
 (504, failed switches recorded). Timings are printed (`pytest -s`); only orderings and generous bounds are asserted."""
-import asyncio, json, logging, os, shutil, time
+import asyncio, json, logging, os, shutil, sqlite3, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,7 +40,7 @@ def err(r)->dict: return r.json()["error"]
 
 def make_cfg(tmp_path, **kw):
     return get_config(**{"llm_model_version": "custom-test", "benchmark_log": tmp_path/"bench.jsonl", "admin_token": ADMIN,
-                         "enable_benchmarking": False, "gemini_api_key": None, **kw})
+                         "enable_benchmarking": False, "gemini_api_key": None, "state_dir": tmp_path/"state", **kw})
 
 @contextmanager
 def serve(tmp_path, model=None, server_cls=LiveServer, **kw):
@@ -466,3 +466,43 @@ def test_openai_usage_bills_thinking_tokens_as_completion_tokens(tmp_path):
     last = [json.loads(l[6:]) for l in s.text.split("\n") if l.startswith("data: {")][-1]
     assert last["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
     fake.reset()
+
+# --- conversations (#15): ids are keys in the store's namespace, never paths; history is bounded ---------------
+
+def test_conversation_ids_cannot_be_paths_guessed_or_borrowed(tmp_path):
+    "A path, a Redis-looking key or a short guess is refused; an unknown well-formed id starts empty; ids never leak history"
+    with serve(tmp_path) as srv:
+        url = f"{srv.url}/api/v1/chat"
+        for bad in ["../../etc/passwd", "bankllm:conv:index", "1", "c-1", "a b" * 10, "%2e%2e%2f" * 4]:
+            r = httpx.post(url, json={"message": "hi", "conversation_id": bad})
+            assert r.status_code == 400 and "conversation_id" in r.json()["error"]["message"], bad
+        mine = httpx.post(url, json={"message": "my IBAN question"}).json()["conversation_id"]
+        httpx.post(url, json={"message": "second", "conversation_id": mine})
+        guesses = [mine[:-1] + ("A" if mine[-1] != "A" else "B"), mine.upper(), mine + "x"]
+        for g in guesses:  # near misses of a real id: each a new, empty conversation
+            assert httpx.post(url, json={"message": "hi", "conversation_id": g}).json()["history_turns"] == 0
+        assert not list((tmp_path/"state").glob("*passwd*"))
+        files = sorted(p.name for p in (tmp_path/"state").iterdir())
+        assert files[0] == "conversations.sqlite3" and all(f.startswith("conversations.sqlite3") for f in files)
+
+def test_many_conversations_and_turns_stay_bounded(tmp_path):
+    "A client opening many conversations, or one long one, costs at most the configured caps"
+    with serve(tmp_path, conversation_max=20, conversation_max_turns=3) as srv:
+        url = f"{srv.url}/api/v1/chat"
+        with httpx.Client() as c:
+            ids = [c.post(url, json={"message": f"q{i}"}).json()["conversation_id"] for i in range(60)]
+            for i in range(10): r = c.post(url, json={"message": f"again {i}", "conversation_id": ids[-1]}).json()
+        assert r["history_turns"] == 3
+        db = sqlite3.connect(tmp_path/"state"/"conversations.sqlite3")
+        assert db.execute("SELECT count(*) FROM conversations").fetchone()[0] == 20
+        assert db.execute("SELECT max(n) FROM (SELECT count(*) n FROM turns GROUP BY id)").fetchone()[0] == 3
+
+def test_v1_history_is_bounded(tmp_path):
+    "The messages a client sends back are bounded in count, length and total size"
+    with serve(tmp_path) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        u = {"role": "user", "content": "hi"}
+        assert httpx.post(url, json={"messages": [u] * 257}).status_code == 400                     # MAX_MESSAGES
+        assert httpx.post(url, json={"messages": [{"role": "user", "content": "x" * 4001}, u]}).status_code == 400
+        big = [{"role": "assistant", "content": "y" * 15_000}, u] * 80                                 # > 1 MB body
+        assert httpx.post(url, json={"messages": big}).status_code == 413

@@ -15,8 +15,9 @@ import pandas as pd
 import torch
 from fastcore.basics import patch
 
-from .base import BadRequestError, Generation, ModelAdapter, ModelUnavailableError, iterate_in_thread
-from ..data import PlaceholderFiller, file_sha256, format_prompt
+from .base import (BadRequestError, ContextWindowError, Generation, ModelAdapter, ModelUnavailableError,
+                                   iterate_in_thread)
+from ..data import ANSWER_ROOM, PlaceholderFiller, file_sha256, fit_history, format_prompt, system_prompt, system_with
 from ..evaluation import dev_goals, load_quality, save_quality
 from ..training import find_artifact, load_checkpoint, pick_device, resolve_checkpoint
 from ..transformer import model_memory_mb
@@ -78,10 +79,15 @@ def _token_stream(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, 
 @patch
 async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=None, top_p=None, seed=None,
                   history=(), system=None, **kw):
-    try: ids = self.tok.encode(format_prompt(prompt, system, history))
+    ctx = self.model.config.block_size
+    system = system_with(system_prompt(self.config), system) if system else None  # a client's system message follows the bank's
+    def n_ids(h): return len(self.tok.encode(format_prompt(prompt, system, h)))
+    try:
+        history, dropped = fit_history(history, lambda h: n_ids(h) + min(max_tokens, ANSWER_ROOM) <= ctx)
+        ids = self.tok.encode(format_prompt(prompt, system, history))
     except ValueError as e: raise BadRequestError(str(e)) from e  # a chat control token, or a history role that isn't one
-    room = self.model.config.block_size - len(ids)
-    if room < 1: raise BadRequestError(f"prompt is {len(ids)} tokens; this model's context holds {self.model.config.block_size}")
+    room = ctx - len(ids)
+    if room < 1: raise ContextWindowError(f"prompt is {len(ids)} tokens; this model's context holds {ctx}")
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     filler = PlaceholderFiller(self.config.placeholders, fill=self.fill)  # always: a cut answer drops an unfinished placeholder
     stops, logprobs, finish, text, t0, ttft = set(self.tok.stop_ids), [], "length", [], time.perf_counter(), None
@@ -97,7 +103,7 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
     if tail: text.append(tail); yield tail
     conf = math.exp(sum(logprobs) / len(logprobs)) if logprobs else None
     yield Generation("".join(text), tokens=len(logprobs), prompt_tokens=len(ids), finish_reason=finish,
-                     confidence=conf, ttft_ms=ttft)
+                     confidence=conf, ttft_ms=ttft, turns_dropped=dropped)
 
 # %% ../../nbs/11_custom_adapter.ipynb #c46f9240
 def _weights_sha256(ckpt)->str: return file_sha256(resolve_checkpoint(ckpt)/"model.safetensors")

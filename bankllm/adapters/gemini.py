@@ -29,7 +29,7 @@ from google.genai import types
 from .base import (AdapterError, AdapterTimeoutError, BadRequestError, Generation, ModelAdapter,
                                    ModelUnavailableError, RateLimitedError)
 from ..config import Settings
-from ..data import normalize_question, system_prompt
+from ..data import chat_messages, system_prompt, system_with
 from ..factory import parse_version
 
 # %% ../../nbs/14_gemini_adapter.ipynb #cac29980
@@ -277,11 +277,13 @@ async def _aio(self:GeminiAdapter):
     return c.aio
 
 @patch
-def _gen_config(self:GeminiAdapter, max_tokens:int, temperature:float)->types.GenerateContentConfig:
+def _gen_config(self:GeminiAdapter, max_tokens:int, temperature:float,
+                system:str|None=None, # a client's system message: after the bank's instruction
+               )->types.GenerateContentConfig:
     "System instruction, temperature, max tokens, thinking for the model's family; log-probs only where configured and not refused"
     logprobs = self.config.gemini_logprobs and self.logprobs_ok is not False
     thinking = thinking_config(self.model, self.config.gemini_thinking)
-    return types.GenerateContentConfig(system_instruction=system_instruction(self.config), temperature=temperature,
+    return types.GenerateContentConfig(system_instruction=system_with(system_instruction(self.config), system), temperature=temperature,
                                        max_output_tokens=max_tokens, candidate_count=1,
                                        response_logprobs=True if logprobs else None, thinking_config=thinking)
 
@@ -367,9 +369,13 @@ def thinking_retry_budget(max_tokens:int,   # what the caller asked for
 
 # %% ../../nbs/14_gemini_adapter.ipynb #625918f3
 @patch
-def _contents(self:GeminiAdapter, prompt:str)->str:
-    try: return normalize_question(prompt)
+def _contents(self:GeminiAdapter, prompt:str, history=())->str|list[types.Content]:
+    "The question alone, or the conversation as Gemini's `contents` (earlier answers as the `model` role)"
+    try: msgs = chat_messages(prompt, None, history)
     except ValueError as e: raise BadRequestError(f"prompt: {e}") from e
+    if len(msgs) == 1: return msgs[0]["content"]
+    return [types.Content(role="model" if m["role"] == "assistant" else "user", parts=[types.Part(text=m["content"])])
+            for m in msgs]
 
 @patch
 def _ask_again(self:GeminiAdapter, t:_Tally, max_tokens:int)->int|None:
@@ -382,12 +388,12 @@ def _ask_again(self:GeminiAdapter, t:_Tally, max_tokens:int)->int|None:
     return more
 
 @patch
-async def _generate(self:GeminiAdapter, prompt, max_tokens, temperature, **kw)->Generation:
-    contents, aio = self._contents(prompt), await self._aio()
+async def _generate(self:GeminiAdapter, prompt, max_tokens, temperature, history=(), system=None, **kw)->Generation:
+    contents, aio = self._contents(prompt, history), await self._aio()
     def ask(cfg): return aio.models.generate_content(model=self.model, contents=contents, config=cfg)
-    t = _Tally(); t.add(await self._call(ask, self._gen_config(max_tokens, temperature)))
+    t = _Tally(); t.add(await self._call(ask, self._gen_config(max_tokens, temperature, system)))
     if (more := self._ask_again(t, max_tokens)) is None: return t.generation(self.version, max_tokens)
-    t = _Tally(thoughts_before=t.thoughts or 0); t.add(await self._call(ask, self._gen_config(more, temperature)))
+    t = _Tally(thoughts_before=t.thoughts or 0); t.add(await self._call(ask, self._gen_config(more, temperature, system)))
     return t.generation(self.version, more)
 
 # %% ../../nbs/14_gemini_adapter.ipynb #92950674
@@ -398,10 +404,11 @@ async def _first_chunk(aio, model, contents, cfg):
     except StopAsyncIteration: return None, it
 
 @patch
-async def _stream_try(self:GeminiAdapter, aio, contents, max_output_tokens:int, temperature, t:_Tally)->AsyncIterator[str]:
+async def _stream_try(self:GeminiAdapter, aio, contents, max_output_tokens:int, temperature, t:_Tally,
+                      system:str|None=None)->AsyncIterator[str]:
     "One streamed try, folded into `t`: retried until its first chunk, then its text deltas"
     first, it = await self._call(lambda cfg: _first_chunk(aio, self.model, contents, cfg),
-                                 self._gen_config(max_output_tokens, temperature))
+                                 self._gen_config(max_output_tokens, temperature, system))
     try:
         if first is not None:
             if d := t.add(first): yield d
@@ -413,14 +420,14 @@ async def _stream_try(self:GeminiAdapter, aio, contents, max_output_tokens:int, 
         if hasattr(it, "aclose"): await it.aclose()
 
 @patch
-async def _stream(self:GeminiAdapter, prompt, max_tokens, temperature, **kw)->AsyncIterator[str|Generation]:
-    contents, aio = self._contents(prompt), await self._aio()
+async def _stream(self:GeminiAdapter, prompt, max_tokens, temperature, history=(), system=None, **kw)->AsyncIterator[str|Generation]:
+    contents, aio = self._contents(prompt, history), await self._aio()
     t = _Tally()
-    async with aclosing(self._stream_try(aio, contents, max_tokens, temperature, t)) as deltas:
+    async with aclosing(self._stream_try(aio, contents, max_tokens, temperature, t, system)) as deltas:
         async for d in deltas: yield d
     if (more := self._ask_again(t, max_tokens)) is not None:  # a starved try yielded nothing: asking again is safe
         t = _Tally(thoughts_before=t.thoughts or 0)
-        async with aclosing(self._stream_try(aio, contents, more, temperature, t)) as deltas:
+        async with aclosing(self._stream_try(aio, contents, more, temperature, t, system)) as deltas:
             async for d in deltas: yield d
     yield t.generation(self.version, more or max_tokens)
 

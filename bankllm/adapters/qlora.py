@@ -17,9 +17,9 @@ import torch
 from fastcore.basics import patch
 
 from .base import (AdapterError, AdapterTimeoutError, BadRequestError, Generation, ModelAdapter,
-                                   ModelUnavailableError, RateLimitedError, iterate_in_thread)
+                                   ContextWindowError, ModelUnavailableError, RateLimitedError, iterate_in_thread)
 from ..config import get_config
-from ..data import PlaceholderFiller, chat_messages, file_sha256
+from ..data import ANSWER_ROOM, PlaceholderFiller, chat_messages, file_sha256, fit_history, system_prompt, system_with
 from ..evaluation import dev_goals, load_quality, save_quality
 from ..qlora import SHIPPED_QLORA_VERSION, adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
 from ..training import find_artifact
@@ -158,17 +158,20 @@ def _confidence(logprobs:list[float])->float|None:
     return math.exp(sum(logprobs) / len(logprobs)) if logprobs else None
 
 @patch
-async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None, top_p=None, seed=None, history=(), **kw):
-    try: chat_messages(prompt, self.system, history)
+async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None, top_p=None, seed=None, history=(),
+                  system=None, **kw):
+    system = system_with(self.system or system_prompt(self.config), system) if system else self.system  # the bank's first
+    try: chat_messages(prompt, system, history)
     except ValueError as e: raise BadRequestError(str(e)) from e  # chat control tokens, or a history role that isn't one
     filler = PlaceholderFiller(self.config.placeholders, fill=self.fill)  # always: a cut answer drops an unfinished placeholder
     fill = filler.feed
     parts = []
     if self.engine == "transformers":
         eng = self._impl
-        ids = eng.prompt_ids(prompt, self.system, history)
+        history, dropped = fit_history(history, lambda h: len(eng.prompt_ids(prompt, system, h)) + min(max_tokens, ANSWER_ROOM) <= eng.context)
+        ids = eng.prompt_ids(prompt, system, history)
         room = eng.context - len(ids)
-        if room < 1: raise BadRequestError(f"prompt is {len(ids)} tokens; this model's context holds {eng.context}")
+        if room < 1: raise ContextWindowError(f"prompt is {len(ids)} tokens; this model's context holds {eng.context}")
         deltas, logprobs, finish, t0, ttft = TextDeltas(eng.tok), [], "length", time.perf_counter(), None
         async for tok, lp in iterate_in_thread(lambda: eng.tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed)):
             if tok in eng.stops: finish = "stop"; break
@@ -177,11 +180,11 @@ async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None
                 if ttft is None: ttft = (time.perf_counter() - t0) * 1000
                 parts.append(d); yield d
         final = Generation("", tokens=len(logprobs), prompt_tokens=len(ids), finish_reason=finish,
-                           confidence=_confidence(logprobs), ttft_ms=ttft)
+                           confidence=_confidence(logprobs), ttft_ms=ttft, turns_dropped=dropped)
         tail = fill(deltas.feed(None, final=True))
     else:
         final, t0, ttft = None, time.perf_counter(), None
-        async for d in self._impl.stream(prompt, self.system, max_tokens, temperature, top_p=top_p, seed=seed, history=history):
+        async for d in self._impl.stream(prompt, system, max_tokens, temperature, top_p=top_p, seed=seed, history=history):
             if isinstance(d, Generation): final = d; continue
             if d := fill(d):
                 if ttft is None: ttft = (time.perf_counter() - t0) * 1000
