@@ -6,7 +6,7 @@ Docs: https://bankllm.github.io/bankllm/config.html.md"""
 
 # %% auto #0
 __all__ = ['DEFAULT_BANK_PROFILE', 'ARTIFACT_NAME', 'THINKING_LEVELS', 'valid_name', 'artifact_dirs', 'named_artifacts',
-           'Settings', 'get_config']
+           'Settings', 'get_config', 'record_path']
 
 # %% ../nbs/00_config.ipynb #c59ded26
 import os, re
@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     # where things live
     data_dir: Path|None = None          # folder with banking77/ and bitext-banking/; None: download + cache
     cache_dir: Path = Path("~/.cache/bankllm")  # downloads and built artifacts
+    update_shipped: bool = False        # runs write records beside the shipped artifacts (else in `cache_dir`/scratch)
     benchmark_log: Path = Path("benchmarks/benchmark_log.jsonl")  # one JSON line per benchmark round
     device: str = "auto"                # "auto", "cpu", "cuda", "cuda:1", ...
     admin_token: SecretStr|None = None  # bearer token for admin routes (model switch)
@@ -160,3 +161,15 @@ def get_config(env_file:str|Path|None=None, # a `.env` file; default: `$BANKLLM_
     if env_file is not None and not Path(env_file).is_file():
         raise FileNotFoundError(f"env file not found: {env_file} (set by the env_file argument or BANKLLM_ENV_FILE)")
     return Settings(_env_file=env_file, **overrides)
+
+# %% ../nbs/00_config.ipynb #485c4b8a
+def record_path(shipped:str|Path,         # where the record ships, e.g. a checkpoint's `dev_quality.json`
+                update:bool|None=None,     # write the shipped file; None: the `update_shipped` setting
+                config:Settings|None=None,
+               )->Path:
+    "Where a run writes a record: `shipped` when asked to update it, else the same name under `cache_dir`/scratch"
+    cfg = config or get_config()
+    if cfg.update_shipped if update is None else update: return Path(shipped)
+    p = cfg.cache_dir/"scratch"/Path(shipped).parent.name/Path(shipped).name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p

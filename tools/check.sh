@@ -45,10 +45,18 @@ python tools/readme.py --check
 step "ruff (lint: the package, the notebooks, tests and tools; rules in pyproject.toml)"
 ruff check bankllm nbs tools tests
 
+# Shipped records (checkpoints' dev_quality.json, benchmarks/, the docs' figures) change only on purpose: runs write to
+# a scratch copy (`bankllm.config.record_path`) unless BANKLLM_UPDATE_SHIPPED=1 asks for the shipped file.
+shipped_unchanged() {
+  local diff; diff=$(git status --porcelain -- bankllm/checkpoints benchmarks nbs/images)
+  [ -z "$diff" ] || { echo "$diff"; fail "$1 rewrote shipped records: runs must write to record_path(...); restore them with git checkout"; }
+}
 step "nbdev-test (notebooks)"
 timeout 1500 nbdev-test --do-print --timing ${BANKLLM_TEST_FLAGS:+--flags "$BANKLLM_TEST_FLAGS"}
+[ -n "${BANKLLM_UPDATE_SHIPPED:-}" ] || shipped_unchanged nbdev-test
 step "pytest (tests/)"
 timeout 1200 python -m pytest -q -rs tests
+[ -n "${BANKLLM_UPDATE_SHIPPED:-}" ] || shipped_unchanged pytest
 step "nbdev-proc-nbs (docs processing; Quarto renders the site where it exists)"
 # nbdev offers to install Quarto when it is missing; here that fails harmlessly (offline, no sudo) and the
 # processed notebooks still land in _proc/. One worker: with forked workers an error in a notebook's docs

@@ -4,9 +4,10 @@
 Usage: `python tools/readme.py` writes README.md; `python tools/readme.py --check` exits 1 when README.md is stale.
 Cells marked `#| hide` are left out, directive lines are dropped, code cells become fenced Python followed by
 their saved outputs (markdown as is, plain text fenced). Image links relative to `nbs/` (`images/...`, right for the
-docs site) are rewritten relative to the repository root.
+docs site) are rewritten relative to the repository root, and so are links to the notebooks (`01_data.ipynb`, which
+Quarto turns into the page's address on the site and GitHub opens as `nbs/01_data.ipynb`).
 """
-import argparse, difflib, json, sys
+import argparse, difflib, json, re, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +28,17 @@ def _output(o):
     if "text/plain" in data: return f"```\n{''.join(data['text/plain']).rstrip()}\n```"
     return ""
 
+def _from_root(md:str)->str:
+    "Links relative to `nbs/` (images, other notebooks) made relative to the repository root"
+    return re.sub(r"\]\((?!https?:|#|/)([\w./-]+\.ipynb(?:#[\w-]*)?)\)", r"](nbs/\1)", md.replace("](images/", "](nbs/images/"))
+
 def render(nb_path:Path)->str:
     "The README text for the notebook at `nb_path`"
     parts = []
     for cell in json.loads(nb_path.read_text(encoding="utf-8"))["cells"]:
         dirs, body = _directives(_src(cell))
         if "hide" in dirs or not body: continue
-        if cell["cell_type"] == "markdown": parts.append(body.replace("](images/", "](nbs/images/")); continue  # paths from the root
+        if cell["cell_type"] == "markdown": parts.append(_from_root(body)); continue
         if cell["cell_type"] != "code": continue
         if "hide_input" not in dirs: parts.append(f"```python\n{body}\n```")
         if "hide_output" not in dirs: parts += [s for s in map(_output, cell.get("outputs", [])) if s]

@@ -17,6 +17,7 @@ from fastcore.basics import patch
 
 from .base import (BadRequestError, ContextWindowError, Generation, ModelAdapter, ModelUnavailableError,
                                    iterate_in_thread)
+from ..config import record_path
 from ..data import ANSWER_ROOM, PlaceholderFiller, file_sha256, fit_history, format_prompt, system_prompt, system_with
 from ..evaluation import dev_goals, load_quality, save_quality
 from ..training import find_artifact, load_checkpoint, pick_device, resolve_checkpoint
@@ -110,7 +111,8 @@ def _weights_sha256(ckpt)->str: return file_sha256(resolve_checkpoint(ckpt)/"mod
 
 async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.1.0", # shipped name or folder
                               data_dir=None,           # default: the data-dir setting
-                              save:bool=True,          # write `dev_quality.json` beside the weights
+                              save:bool=True,          # write `dev_quality.json` (a scratch copy unless `update_shipped`)
+                              update_shipped:bool|None=None, # write it beside the weights; None: `BANKLLM_UPDATE_SHIPPED`
                               progress:bool=False,
                              )->pd.DataFrame:
     "Dev quality of a checkpoint on the four dev sets, next to the baselines (`dev_goals`); saved with the weights' sha256"
@@ -118,7 +120,7 @@ async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.1.0", # shipp
     adapter = CustomAdapter(d.name, checkpoint=d, fill_placeholders=False)
     table = await dev_goals(adapter, data_dir, progress=progress)
     table.attrs["threads"] = torch.get_num_threads()
-    if save: save_quality(table, d/"dev_quality.json", weights_sha256=_weights_sha256(d))
+    if save: save_quality(table, record_path(d/"dev_quality.json", update_shipped), weights_sha256=_weights_sha256(d))
     return table
 
 def stored_quality(checkpoint:str="custom_model_built_0.1.0")->pd.DataFrame:

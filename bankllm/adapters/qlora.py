@@ -18,7 +18,7 @@ from fastcore.basics import patch
 
 from .base import (AdapterError, AdapterTimeoutError, BadRequestError, Generation, ModelAdapter,
                                    ContextWindowError, ModelUnavailableError, RateLimitedError, iterate_in_thread)
-from ..config import get_config
+from ..config import get_config, record_path
 from ..data import ANSWER_ROOM, PlaceholderFiller, chat_messages, file_sha256, fit_history, system_prompt, system_with
 from ..evaluation import dev_goals, load_quality, save_quality
 from ..qlora import SHIPPED_QLORA_VERSION, adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
@@ -384,13 +384,17 @@ async def _health(self:QLoRAAdapter):
 def _adapter_sha256(adapter)->str: return file_sha256(adapter_dir(adapter)/"adapter_model.safetensors")
 
 async def evaluate_adapter(adapter:str=SHIPPED_QLORA_VERSION, # shipped name or folder
-                           data_dir=None, save:bool=True, config=None, progress:bool=False)->pd.DataFrame:
+                           data_dir=None,
+                           save:bool=True,          # write `dev_quality.json` (a scratch copy unless `update_shipped`)
+                           update_shipped:bool|None=None, # write it beside the adapter; None: `BANKLLM_UPDATE_SHIPPED`
+                           config=None, progress:bool=False)->pd.DataFrame:
     "Dev quality of a QLoRA adapter (transformers engine) on the four dev sets (`dev_goals`); saved with the adapter"
     cfg = (config or get_config()).model_copy(update=dict(qlora_adapter=str(adapter)))
     qa = QLoRAAdapter(adapter_dir(adapter).name, config=cfg, engine="transformers", fill_placeholders=False)
     table = await dev_goals(qa, data_dir, baselines=False, progress=progress)  # the custom model's table has the baselines
     table.attrs["base_4bit"] = qa._impl.quantized
-    if save: save_quality(table, adapter_dir(adapter)/"dev_quality.json", adapter_sha256=_adapter_sha256(adapter))
+    if save: save_quality(table, record_path(adapter_dir(adapter)/"dev_quality.json", update_shipped, cfg),
+                      adapter_sha256=_adapter_sha256(adapter))
     return table
 
 def stored_adapter_quality(adapter:str=SHIPPED_QLORA_VERSION)->pd.DataFrame:
