@@ -1,4 +1,4 @@
-"""The FastAPI service: the seed's `/api/v1` routes, an OpenAI-compatible `/v1/chat/completions`, health, readiness and Prometheus metrics, over the pipeline.
+"""The FastAPI service: the `/api/v1` routes, an OpenAI-compatible `/v1/chat/completions`, health, readiness and Prometheus metrics, over the pipeline.
 
 Docs: https://bankllm.github.io/bankllm/app.html.md"""
 
@@ -550,7 +550,7 @@ async def chat(body:ChatRequest, request:Request, pipe:Pipe, state:State)->dict:
                                                           max_tokens=body.max_tokens or pipe.config.default_max_tokens,
                                                           temperature=body.temperature))
     await store.append(cid, body.message, r.text)
-    # the seed's fields first (`response` is the answer, as the original API named it), then the richer ones
+    # the original API's fields first (`response` is the answer), then the richer ones
     return to_jsonable({"response": r.text, "latency_ms": r.latency_ms, "model_version": r.model_version,
                         "confidence": r.confidence, "request_number": r.request_number, "conversation_id": cid,
                         "history_turns": len(history)//2, **r.to_dict()})

@@ -189,7 +189,7 @@ def _quality_note(df:pd.DataFrame)->str:
     return "Quality not measured: " + ("; ".join(reasons) if reasons else "no model answered") + "."
 
 def recommend(df:pd.DataFrame)->dict:
-    "The seed's recommendation (fastest p50 among models without errors) and the best-quality model beside it"
+    "The recommendation (fastest p50 among models without errors) and the best-quality model beside it"
     ok = df[(df.status == "ok") & df.latency_p50_ms.notna()]
     if ok.empty: return dict(fastest_model=None, best_quality_model=None)
     fastest = ok.loc[ok.latency_p50_ms.astype(float).idxmin()]
@@ -201,7 +201,7 @@ def recommend(df:pd.DataFrame)->dict:
                 best_rouge_l=None if best is None else float(best.rouge_l))
 
 def format_table(df:pd.DataFrame)->str:
-    "The seed-style comparison table, with honest tail labels, both quality numbers and the recommendation"
+    "The comparison table in plain text, with honest tail labels, both quality numbers and the recommendation"
     head = f"{'Model':<34}{'Status':<12}{'n':>5}{'Avg ms':>10}{'P50 ms':>10}{'P95 ms':>10}{'Tail ms':>14}" \
            f"{'TTFT ms':>10}{'Tok/s':>10}{'Topic':>7}{'ROUGE-L':>9}{'Real':>6}{'Scope':>7}{'Follow':>8}{'Err':>5}"
     lines = ["Model Performance Comparison", "="*len(head), head, "-"*len(head)]

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     "Every bankllm setting, from the environment (and an optional env file); secrets are `SecretStr`"
     model_config = SettingsConfigDict(env_prefix="BANKLLM_", extra="ignore", populate_by_name=True,
                                       validate_default=True)
-    # names the seed's users already have
+    # names users of the first release already have
     llm_model_version: str = Field("custom_model_built_0.1.0",
         validation_alias=AliasChoices("LLM_MODEL_VERSION", "llm_model_version"))  # the active model
     enable_benchmarking: bool = Field(True,

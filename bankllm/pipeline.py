@@ -536,7 +536,7 @@ def _rounds_from_log(self:BankingLLMPipeline)->list[dict]:
 
 @patch
 def get_benchmark_summary(self:BankingLLMPipeline, from_log:bool=False)->dict:
-    "The seed's summary: fastest model (recommendation), quality, and the sample size behind each number"
+    "The summary: fastest model (recommendation), quality, and the sample size behind each number"
     rounds = self._rounds_from_log() if from_log else list(self.rounds)
     s = summarize_rounds(rounds)
     s.update(active_model=self.model.version, pipeline_version=PIPELINE_VERSION, requests=self._count,

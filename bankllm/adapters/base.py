@@ -71,7 +71,7 @@ class Generation:
 
 @dataclass
 class GenerationResult(Mapping):
-    "The result of `ModelAdapter.generate`: a dataclass that also reads as the seed's dict"
+    "The result of `ModelAdapter.generate`: a dataclass that also reads as a dict"
     text: str
     latency_ms: float
     tokens: int|None
