@@ -455,11 +455,11 @@ async def _models_status(pipe:BankingLLMPipeline, timeout:float=10.0)->list[dict
 _FINISH = {"stop": "stop", "length": "length", "safety": "content_filter"}
 
 def _usage(r:PipelineResult)->dict:
-    "OpenAI's usage: completion tokens include the thinking tokens, which `reasoning_tokens` counts (Gemini bills both)"
+    "OpenAI's usage: completion tokens include the thinking tokens, which `reasoning_tokens` counts (Gemini bills both); `cost_usd` is ours"
     p, t = r.prompt_tokens or 0, r.thinking_tokens or 0
     c = (r.tokens or 0) + t
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "completion_tokens_details": {"reasoning_tokens": t}}
+            "completion_tokens_details": {"reasoning_tokens": t}, "cost_usd": r.cost}
 
 def _completion(r:PipelineResult, cid:str, created:int)->dict:
     return {"id": cid, "object": "chat.completion", "created": created, "model": r.model_version,

@@ -86,6 +86,7 @@ class PipelineMetrics:
         self.errors = Counter("bankllm_request_errors", "Failed requests, by model and error type.", ["model", "type"], registry=r)
         self.tokens = Counter("bankllm_generated_tokens", "Tokens generated, by model.", ["model"], registry=r)
         self.prompt_tokens = Counter("bankllm_prompt_tokens", "Prompt tokens read, by model.", ["model"], registry=r)
+        self.cost = Counter("bankllm_cost_usd", "What the answers cost (USD, at the prices in the settings), by model.", ["model"], registry=r)
         self.latency = Histogram("bankllm_request_latency_seconds", "Latency of successful requests, by model.", ["model"],
                                  buckets=LATENCY_BUCKETS_S, registry=r)
 
@@ -94,14 +95,15 @@ class PipelineMetrics:
         if (c := self._children.get(model)) is None:
             self.per_model[model] = RequestCounters()
             c = self._children[model] = (self.per_model[model], self.requests.labels(model), self.tokens.labels(model),
-                                         self.prompt_tokens.labels(model), self.latency.labels(model))
+                                         self.prompt_tokens.labels(model), self.latency.labels(model), self.cost.labels(model))
         return c
 
-    def ok(self, model:str, latency_ms:float, tokens:int|None=None, prompt_tokens:int|None=None):
-        "Count a request `model` answered"
-        counters, requests, toks, ptoks, latency = self._model(model)
-        counters.ok(latency_ms, tokens, prompt_tokens)
+    def ok(self, model:str, latency_ms:float, tokens:int|None=None, prompt_tokens:int|None=None, cost:float|None=None):
+        "Count a request `model` answered, and what it cost (USD)"
+        counters, requests, toks, ptoks, latency, usd = self._model(model)
+        counters.ok(latency_ms, tokens, prompt_tokens, cost=cost)
         requests.inc(); toks.inc(tokens or 0); ptoks.inc(prompt_tokens or 0); latency.observe(latency_ms/1000)
+        usd.inc(cost or 0.0)
 
     def fail(self, model:str, exc:BaseException):
         "Count a request `model` failed, by the error's type"
@@ -277,7 +279,7 @@ def end_request(self:BankingLLMPipeline,
     "A request from `begin_request` is over: out of flight, and counted for `model`"
     self._in_flight -= 1
     if error is not None: self.metrics.fail(model.version, error)
-    elif result is not None: self.metrics.ok(model.version, result.latency_ms, result.tokens, result.prompt_tokens)
+    elif result is not None: self.metrics.ok(model.version, result.latency_ms, result.tokens, result.prompt_tokens, result.cost)
 
 @patch
 def _trigger(self:BankingLLMPipeline, n:int|str)->BenchmarkRound:

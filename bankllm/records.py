@@ -60,6 +60,7 @@ class RequestCounters:
     prompt_tokens: int = 0        # read
     thinking_tokens: int = 0      # spent thinking before answering (billed as output by thinking models)
     latency_sum_s: float = 0.0    # over every successful request, not only the window
+    cost_usd: float = 0.0         # what the answers cost, at the model's price
     errors_by_type: dict = field(default_factory=dict)
     latencies: deque = field(init=False, repr=False)
     ttfts: deque = field(init=False, repr=False)
@@ -67,8 +68,9 @@ class RequestCounters:
     def __post_init__(self): self.latencies, self.ttfts = deque(maxlen=self.window), deque(maxlen=self.window)
 
     def ok(self, latency_ms:float, tokens:int|None=None, prompt_tokens:int|None=None, ttft_ms:float|None=None,
-           thinking_tokens:int|None=None):
-        "Count a successful request"
+           thinking_tokens:int|None=None, cost:float|None=None):
+        "Count a successful request (and its cost, USD)"
+        self.cost_usd += cost or 0.0
         self.requests += 1; self.tokens += tokens or 0; self.prompt_tokens += prompt_tokens or 0
         self.thinking_tokens += thinking_tokens or 0
         self.latency_sum_s += latency_ms/1000; self.latencies.append(latency_ms)
@@ -84,7 +86,7 @@ class RequestCounters:
         lat = list(self.latencies)
         return dict(requests=self.requests, errors=self.errors, errors_by_type=dict(self.errors_by_type),
                     tokens=self.tokens, prompt_tokens=self.prompt_tokens, thinking_tokens=self.thinking_tokens,
-                    latency_sum_s=self.latency_sum_s,
+                    latency_sum_s=self.latency_sum_s, cost_usd=self.cost_usd,
                     latency_count=self.requests-self.errors, latency_avg_ms=sum(lat)/len(lat) if lat else None,
                     latency_p50_ms=percentile(lat, 50), latency_p95_ms=percentile(lat, 95),
                     latency_p99_ms=percentile(lat, 99), ttft_p50_ms=percentile(list(self.ttfts), 50),

@@ -30,7 +30,7 @@ ADAPTER_BUILDERS["gemini"] = _gemini
 FAMILIES = sorted({*ModelFactory.REGISTRY, TEST_FAMILY})
 PROMPT = "I still have not received my new card, what should I do?"
 RESULT_KEYS = {"text", "latency_ms", "tokens", "prompt_tokens", "ttft_ms", "finish_reason", "confidence",
-               "model_version", "device", "thinking_tokens", "turns_dropped"}
+               "model_version", "device", "thinking_tokens", "turns_dropped", "cost"}
 
 
 @pytest.fixture(params=FAMILIES)
@@ -50,6 +50,7 @@ async def test_generate_returns_the_result_contract(adapter):
     assert r.finish_reason in {"stop", "length"}
     assert r.tokens is None or 0 < r.tokens <= 32
     assert r.confidence is None or 0 < r.confidence <= 1
+    assert isinstance(r.cost, float) and r.cost >= 0  # USD at the price in the settings (0 for a test backend)
     assert r.model_version == adapter.version and isinstance(r.device, str)
     assert r.thinking_tokens is None or r.thinking_tokens >= 0
     assert r["text"] == r.text  # the seed's dict access still works

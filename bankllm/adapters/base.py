@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from fastcore.basics import patch
 
-from ..config import Settings, get_config
+from ..config import Price, Settings, get_config
 from ..records import RequestCounters
 
 # %% ../../nbs/10_adapter_base.ipynb #9d6064b9
@@ -83,6 +83,7 @@ class GenerationResult(Mapping):
     device: str
     thinking_tokens: int|None = None  # thinking models: tokens of thought behind the answer (billed as output)
     turns_dropped: int = 0            # earlier turns of the conversation left out to fit the context window
+    cost: float = 0.0                 # USD, at the model's price in the settings (`Settings.price_for`)
     def __getitem__(self, k): 
         if k not in self._keys(): raise KeyError(k)
         return getattr(self, k)
@@ -342,12 +343,18 @@ def _as_adapter_error(self:ModelAdapter, e:BaseException)->AdapterError:
     return AdapterError(f"{self.version}: {type(e).__name__}: {e}")
 
 @patch
+def price(self:ModelAdapter)->Price:
+    "This model's price: by version, then Gemini model name, then family (`Settings.price_for`)"
+    return self.config.price_for(self.version, m if isinstance(m := getattr(self, "model", None), str) else None, self.family)
+
+@patch
 def _result(self:ModelAdapter, g:Generation, latency_ms, ttft_ms)->GenerationResult:
-    self.counters.ok(latency_ms, g.tokens, g.prompt_tokens, ttft_ms, g.thinking_tokens)
+    cost = self.price().cost(g.prompt_tokens, g.tokens, g.thinking_tokens, latency_ms)
+    self.counters.ok(latency_ms, g.tokens, g.prompt_tokens, ttft_ms, g.thinking_tokens, cost)
     return GenerationResult(text=g.text, latency_ms=latency_ms, tokens=g.tokens, prompt_tokens=g.prompt_tokens,
                             ttft_ms=ttft_ms, finish_reason=g.finish_reason, confidence=g.confidence,
                             model_version=self.version, device=self.device, thinking_tokens=g.thinking_tokens,
-                            turns_dropped=g.turns_dropped)
+                            turns_dropped=g.turns_dropped, cost=cost)
 
 @patch
 def _retry_after_s(self:ModelAdapter)->float:
@@ -418,7 +425,7 @@ def get_metrics(self:ModelAdapter)->dict[str, Any]:
     "Requests, errors, latency percentiles (ms, recent window), time to first token, tokens/s, queue, device, memory"
     s = self.counters.summary()
     keep = ["requests", "errors", "errors_by_type", "latency_avg_ms", "latency_p50_ms", "latency_p95_ms",
-            "latency_p99_ms", "ttft_p50_ms", "tokens_per_s", "samples", "thinking_tokens"]
+            "latency_p99_ms", "ttft_p50_ms", "tokens_per_s", "samples", "thinking_tokens", "cost_usd"]
     return dict(model_version=self.version, family=self.family, **{k: s[k] for k in keep}, tokens_generated=s["tokens"],
                 queue=self.admission.stats(), device=self.device, memory_mb=self._memory_mb(), loaded=self.loaded)
 
