@@ -7,8 +7,8 @@ Docs: https://bankllm.github.io/bankllm/benchmark.html.md"""
 # %% auto #0
 __all__ = ['log', 'SEED_PROMPTS', 'DEV_SET_ORDER', 'QUALITY_MEASURES', 'QUALITY_PANELS', 'BenchmarkSuite', 'concurrency_sweep',
            'benchmark_model', 'run_round', 'machine_info', 'results_frame', 'recommend', 'format_table',
-           'summarize_rounds', 'plot_latency', 'plot_quality_latency', 'save_figures', 'run_benchmark',
-           'paired_latency']
+           'summarize_rounds', 'plot_latency', 'plot_quality_latency', 'plot_quality_cost', 'save_figures',
+           'run_benchmark', 'paired_latency']
 
 # %% ../nbs/31_benchmark.ipynb #5b276748
 import asyncio, logging, math, os, platform, time
@@ -75,7 +75,7 @@ def _empty_record(name:str)->dict:
     return dict(model_version=v, family=v.partition("_")[0], status="ok", reason=None, device=None,
                 **latency_stats([]), errors=0, ttft_p50_ms=None, tokens_per_s=None, tokens_mean=None,
                 topic_accuracy=None, rouge_l=None, **{m: None for m in QUALITY_MEASURES}, credential_asks=None,
-                quality_n=0, quality_reason=None, latencies_ms=[], sweep=[])
+                quality_n=0, quality_reason=None, cost_round_usd=None, cost_per_1k_usd=None, latencies_ms=[], sweep=[])
 
 async def _resolve_model(model, config)->ModelAdapter:
     "The adapter for `model`, healthy and loaded; `ModelUnavailableError` with the reason otherwise"
@@ -90,8 +90,8 @@ async def _timed(adapter:ModelAdapter, question:str, suite:BenchmarkSuite, histo
     "One request (after `history`, for a follow-up): latency, ttft, tokens and text, or the error"
     kw = {"history": list(history)} if len(history) else {}
     try: r = await adapter.generate(question, max_tokens=suite.max_tokens, temperature=suite.temperature, **kw)
-    except Exception as e: return dict(latency_ms=None, ttft_ms=None, tokens=None, text="", error=f"{type(e).__name__}: {e}")
-    return dict(latency_ms=r.latency_ms, ttft_ms=r.ttft_ms, tokens=r.tokens, text=r.text, error=None)
+    except Exception as e: return dict(latency_ms=None, ttft_ms=None, tokens=None, text="", error=f"{type(e).__name__}: {e}", cost=0.0)
+    return dict(latency_ms=r.latency_ms, ttft_ms=r.ttft_ms, tokens=r.tokens, text=r.text, error=None, cost=r.cost)
 
 def _quality(rec:dict, dev:pd.DataFrame, outs:list[dict], clf:IntentClassifier|None):
     "Quality of the dev answers, into `rec`: Bitext topic accuracy and ROUGE-L, each other set's measure, credential asks"
@@ -148,7 +148,9 @@ async def benchmark_model(model:str|ModelAdapter,         # registry name, versi
     rec.update(latency_stats(lat), errors=len(outs)-len(ok), latencies_ms=[round(x, 3) for x in lat],
                ttft_p50_ms=percentile([o["ttft_ms"] for o in ok if o["ttft_ms"] is not None], 50),
                tokens_per_s=sum(o["tokens"] or 0 for o in ok)/secs if secs else None,
-               tokens_mean=sum(o["tokens"] or 0 for o in ok)/len(ok) if ok else None)
+               tokens_mean=sum(o["tokens"] or 0 for o in ok)/len(ok) if ok else None,
+               cost_round_usd=sum(o["cost"] for o in ok),  # the answered requests, at the model's price (USD)
+               cost_per_1k_usd=1000*sum(o["cost"] for o in ok)/len(ok) if ok else None)
     if rec["errors"]: rec.update(status="error", reason=next(o["error"] for o in outs if o["error"]))
     if ok and not dev.empty: await asyncio.to_thread(_quality, rec, dev, outs[len(suite.prompts):len(questions)], clf)
     if suite.concurrency and ok: rec["sweep"] = await concurrency_sweep(adapter, suite)
@@ -231,13 +233,14 @@ def summarize_rounds(rounds:Sequence[Mapping], # round records, as the pipeline 
     per: dict[str, dict] = {}
     for rd in rounds:
         for m in rd.get("models", []):
-            p = per.setdefault(m["model_version"], dict(lat=[], tok=0, secs=0.0, q=[], rl=[], rounds=0, errors=0, asks=0,
+            p = per.setdefault(m["model_version"], dict(lat=[], tok=0, secs=0.0, q=[], rl=[], rounds=0, errors=0, asks=0, usd=0.0,
                                                          family=m.get("family"), status=None, reason=None,
                                                          **{k: [] for k in QUALITY_MEASURES}))
             p.update(status=m["status"], reason=m.get("reason"))
             p["rounds"] += 1; p["errors"] += m.get("errors") or 0
             lat = m.get("latencies_ms") or []
             p["lat"] += lat; p["secs"] += sum(lat)/1000; p["tok"] += (m.get("tokens_mean") or 0)*len(lat)
+            p["usd"] += m.get("cost_round_usd") or 0.0
             if m.get("quality_n"):
                 p["q"].append((m["topic_accuracy"], m["quality_n"])); p["rl"].append((m["rouge_l"], m["quality_n"]))
                 p["asks"] += m.get("credential_asks") or 0
@@ -255,7 +258,8 @@ def summarize_rounds(rounds:Sequence[Mapping], # round records, as the pipeline 
                          tokens_per_s=p["tok"]/p["secs"] if p["secs"] else None,
                          topic_accuracy=pooled(p["q"]), rouge_l=pooled(p["rl"]),
                          **{k: pooled(p[k]) for k in QUALITY_MEASURES}, credential_asks=p["asks"] if qn else None,
-                         quality_n=qn))
+                         quality_n=qn, cost_usd=p["usd"], cost_per_round_usd=p["usd"]/p["rounds"],
+                         cost_per_1k_usd=1000*p["usd"]/len(p["lat"]) if p["lat"] else None))
     df = pd.DataFrame(rows) if rows else None
     return dict(rounds=len(rounds),
                 triggers=sum(r.get("triggers", 0) for r in rounds),
@@ -299,6 +303,22 @@ def plot_quality_latency(df:pd.DataFrame):
     fig.suptitle(f"Quality vs latency (quality on {int(d.quality_n.max()) if len(d) else 0} dev questions)")
     fig.tight_layout()
     return fig
+
+def plot_quality_cost(df:pd.DataFrame, # from `results_frame` (or the summary's `models`, as a frame)
+                      ax=None):
+    "Bitext topic accuracy against cost per 1,000 requests (USD, symmetric log: a free model sits at 0), one point per model"
+    import matplotlib.pyplot as plt
+    d = df[df.topic_accuracy.notna() & df.cost_per_1k_usd.notna()] if "cost_per_1k_usd" in df else df.iloc[:0]
+    if ax is None: _, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(d.cost_per_1k_usd, d.topic_accuracy, s=40)
+    for r in d.to_dict("records"): ax.annotate(r["model_version"], (r["cost_per_1k_usd"], r["topic_accuracy"]), fontsize=8,
+                                               xytext=(4, 4), textcoords="offset points")
+    if d.empty: ax.text(0.5, 0.5, "no model with both quality and cost", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xscale("symlog", linthresh=1e-3); ax.set_xlim(left=0); ax.set_ylim(0, 1.05); ax.grid(alpha=0.3)
+    ax.set_xlabel("cost per 1,000 requests (USD, at the prices in the settings)"); ax.set_ylabel("Bitext topic accuracy")
+    ax.set_title("Quality vs cost (prices are settings: check them before reading this)")
+    ax.figure.tight_layout()
+    return ax.figure
 
 def save_figures(df:pd.DataFrame, out_dir:str|Path, prefix:str="benchmark_")->list[Path]:
     "Both figures as PNG files in `out_dir`"

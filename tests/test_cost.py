@@ -77,3 +77,17 @@ async def test_client_cannot_set_prices(priced):
         assert r.status_code in (200, 400, 422)
         if r.status_code == 200: assert r.json()["usage"]["cost_usd"] > 0
     assert priced.pipe.config.price_for("custom-test") == TOKENS
+
+async def test_benchmark_cost_per_round_and_per_1k():
+    import matplotlib; matplotlib.use("Agg")
+    import pandas as pd
+    from bankllm.benchmark import BenchmarkSuite, benchmark_model, plot_quality_cost, summarize_rounds
+    cfg = get_config(prices={"echo": {"per_hour": 3600.0}})  # $1 a second: cost == seconds answering
+    rec = await benchmark_model(EchoAdapter("echo_cost", cfg), BenchmarkSuite(n_dev=0, warmup=0))
+    assert rec["cost_round_usd"] == pytest.approx(sum(rec["latencies_ms"])/1000, rel=1e-2)
+    assert rec["cost_per_1k_usd"] == pytest.approx(1000*rec["cost_round_usd"]/rec["n"])
+    s = summarize_rounds([dict(models=[rec]), dict(models=[rec])])["models"]["echo_cost"]
+    assert s["cost_usd"] == pytest.approx(2*rec["cost_round_usd"]) and s["cost_per_round_usd"] == pytest.approx(rec["cost_round_usd"])
+    df = pd.DataFrame([{**rec, "topic_accuracy": 0.5}, {**rec, "model_version": "free", "cost_per_1k_usd": 0.0, "topic_accuracy": 0.9}])
+    fig = plot_quality_cost(df)
+    assert len(fig.axes[0].collections[0].get_offsets()) == 2
