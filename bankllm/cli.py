@@ -67,7 +67,7 @@ def build_parser()->argparse.ArgumentParser:
     _env(s)
     b = sub.add_parser("bench", help="benchmark models side by side", formatter_class=P,
                        description="Benchmark models: latency percentiles, TTFT, tokens/s, topic accuracy, ROUGE-L; "
-                                   "prints the table and writes benchmark.jsonl + two PNG figures.",
+                                   "prints the table and writes benchmark.jsonl, two PNG figures and compare.html (every answer side by side).",
                        epilog="examples:\n  bankllm bench --models custom gemini --n 40 --out benchmarks/\n"
                               "  bankllm bench --kv-cache --max-tokens 256 --runs 3")
     b.add_argument("--models", nargs="+", metavar="NAME", help="families or version strings (default: every registered family)")
@@ -79,7 +79,7 @@ def build_parser()->argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=3, help="with --kv-cache: interleaved runs per mode, best kept (default 3)")
     b.add_argument("--concurrency", default="1,4,16", metavar="LEVELS",
                    help='concurrency sweep levels, comma-separated (default "1,4,16"; "" = no sweep)')
-    b.add_argument("--out", default="benchmarks", metavar="DIR", help="where to write benchmark.jsonl and the PNGs (default benchmarks/)")
+    b.add_argument("--out", default="benchmarks", metavar="DIR", help="where to write benchmark.jsonl, the PNGs and compare.html (default benchmarks/)")
     _env(b)
     t = sub.add_parser("train", help="train the from-scratch model or a QLoRA adapter", formatter_class=P,
                        description="Train the tokenizer and the from-scratch model on the Bitext training split, select on dev, "
