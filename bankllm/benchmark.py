@@ -341,7 +341,7 @@ def _question_table(g:pd.DataFrame)->str:
     earlier = f'<p class="meta">after the customer said: {_cell(first.earlier_turn)}</p>' if first.earlier_turn else ""
     return (f'<h2>{first.q + 1}. {_cell(first.question)}</h2>{earlier}<p class="meta">set: {_cell(first.set) or "–"} · '
             f'reference intent: {_cell(first.intent)}</p><table><tr><th>model</th><th>answer</th><th>topic heard</th>'
-            f'<th>topic</th><th>ROUGE-L</th><th>confidence</th><th>latency ms</th><th>tokens</th><th>cost USD</th></tr>'
+            f'<th>right?</th><th>ROUGE-L</th><th>confidence</th><th>latency ms</th><th>tokens</th><th>cost USD</th></tr>'
             + "".join(rows) + "</table>")
 
 def compare_html(df:pd.DataFrame,                    # from `compare_answers`
@@ -349,7 +349,7 @@ def compare_html(df:pd.DataFrame,                    # from `compare_answers`
                 )->str:
     "A self-contained HTML page (no scripts, nothing fetched): one table per question, every answer escaped"
     per_model = df.groupby("model", sort=False).correct.mean()
-    summary = " · ".join(f"{_cell(m)}: {a:.0%} on topic" for m, a in per_model.items())
+    summary = " · ".join(f"{_cell(m)}: {a:.0%} right" for m, a in per_model.items())
     body = "".join(_question_table(g) for _, g in df.groupby("q", sort=True))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_cell(title)}</title>'
             f'<style>{_PAGE_STYLE}</style></head><body><h1>{_cell(title)}</h1><p class="meta">{summary}</p>{body}</body></html>\n')
