@@ -182,10 +182,20 @@ class Settings(BaseSettings):
             raise ValueError('BANKLLM_PRICES must be a JSON object: name -> {"input_per_mtok": .., "output_per_mtok": .., "per_hour": ..}')
         return v
 
+    def model_copy(self, *, update:dict|None=None, deep:bool=False)->"Settings":
+        "A copy with `update` applied; values derived from the fields (cached properties) are computed again, not copied"
+        c = super().model_copy(update=update, deep=deep)
+        for k in [k for k, v in vars(type(self)).items() if isinstance(v, cached_property)]: c.__dict__.pop(k, None)
+        return c
+
+    @cached_property
+    def price_table(self)->dict[str, Price]:
+        "`DEFAULT_PRICES` overridden by the `prices` setting (merged once: `price_for` runs on every answer)"
+        return {**DEFAULT_PRICES, **self.prices}
+
     def price_for(self, *names:str|None)->Price:
         "The price of the first of `names` (version, Gemini model, family) set in `prices` or `DEFAULT_PRICES`; free if none"
-        table = {**DEFAULT_PRICES, **self.prices}
-        return next((table[n] for n in names if n in table), Price())
+        return next((self.price_table[n] for n in names if n in self.price_table), Price())
 
     @cached_property
     def placeholders(self)->dict[str, str]:

@@ -233,6 +233,7 @@ def finetune_qlora(base:str|Path,                 # hub id, Hugging Face folder 
                    dev_pairs:pd.DataFrame|dict|None=None, # for the dev loss; a dict names sets; default: 128 Bitext dev questions
                    data_dir=None,
                    version:str|None=None,         # recorded with the adapter
+                   data:dict|None=None,           # what the training data was, recorded as `data`
                    progress:bool=True,
                   )->QLoRAResult:
     "Fine-tune `base` in 4-bit NF4 with LoRA on banking chats and save the adapter with its training record"
@@ -293,7 +294,7 @@ def finetune_qlora(base:str|Path,                 # hub id, Hugging Face folder 
         peak_cuda_memory_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         final_train_loss=sum(recent) / len(recent),
         final_dev_loss=[h for h in res.history if "dev_loss" in h][-1]["dev_loss"], dev_loss_by_set=by_set,
-        history=res.history)
+        **({"data": data} if data else {}), history=res.history)
     (Path(out_dir)/"training.json").write_text(json.dumps(res.record, indent=2, default=str))
     return res
 
@@ -349,11 +350,8 @@ def finetune_recipe(version:str=SHIPPED_QLORA_VERSION,  # a key of `QLORA_RECIPE
     base, cfg, mix = QLORA_RECIPES[version]
     out = Path(out_dir or Path(get_config().cache_dir).expanduser()/"adapters"/version)
     train_pairs, dev_sets = recipe_data(mix, data_dir, seed=cfg.seed)
-    res = finetune_qlora(base, out, replace(cfg, **overrides), train_pairs, dev_sets, data_dir, version, progress)
-    if mix is not None:  # the mix arguments, as `train_custom_model` records them
-        res.record["data"] = dict(mix=mix, mix_rows=train_pairs.source.value_counts().to_dict())
-        (out/"training.json").write_text(json.dumps(res.record, indent=2, default=str))
-    return res
+    data = None if mix is None else dict(mix=mix, mix_rows=train_pairs.source.value_counts().to_dict())
+    return finetune_qlora(base, out, replace(cfg, **overrides), train_pairs, dev_sets, data_dir, version, data, progress)
 
 # %% ../nbs/12_qlora.ipynb #af286f5e
 def plot_qlora_history(history:list[dict]):

@@ -91,3 +91,12 @@ async def test_benchmark_cost_per_round_and_per_1k():
     df = pd.DataFrame([{**rec, "topic_accuracy": 0.5}, {**rec, "model_version": "free", "cost_per_1k_usd": 0.0, "topic_accuracy": 0.9}])
     fig = plot_quality_cost(df)
     assert len(fig.axes[0].collections[0].get_offsets()) == 2
+
+
+def test_a_copy_with_new_prices_or_bank_name_recomputes_what_derives_from_them():
+    "`price_table` and `placeholders` are cached per Settings; `model_copy(update=...)` must not carry the old ones"
+    cfg = get_config(prices={"custom": {"per_hour": 0.5}}, bank_name="Old Bank")
+    assert cfg.price_for("custom").per_hour == 0.5 and cfg.placeholders["Bank Name"] == "Old Bank"  # both cached now
+    new = cfg.model_copy(update=dict(prices={"custom": Price(per_hour=2.0)}, bank_name="New Bank"))
+    assert new.price_for("custom").per_hour == 2.0 and new.placeholders["Bank Name"] == "New Bank"
+    assert cfg.price_for("custom").per_hour == 0.5  # the original keeps its own
