@@ -121,6 +121,7 @@ class SQLiteStore(ConversationStore):
         db, lim = self._db, self.limits
         db.execute("BEGIN IMMEDIATE")
         try:
+            known = db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone() is not None
             db.execute("INSERT INTO turns(id, user, assistant, at) VALUES (?, ?, ?, ?)", (cid, user, assistant, now))
             db.execute("INSERT INTO conversations(id, updated) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET updated = ?",
                        (cid, now, now))
@@ -129,7 +130,8 @@ class SQLiteStore(ConversationStore):
             gone = "SELECT id FROM conversations WHERE updated < ?"
             db.execute(f"DELETE FROM turns WHERE id IN ({gone})", (now - lim.ttl_s,))
             db.execute("DELETE FROM conversations WHERE updated < ?", (now - lim.ttl_s,))
-            extra = db.execute("SELECT count(*) FROM conversations").fetchone()[0] - lim.max_conversations
+            # only a new conversation can exceed the cap: count (a scan of the table) only then, not on every turn
+            extra = 0 if known else db.execute("SELECT count(*) FROM conversations").fetchone()[0] - lim.max_conversations
             if extra > 0:
                 oldest = "SELECT id FROM conversations ORDER BY updated LIMIT ?"
                 db.execute(f"DELETE FROM turns WHERE id IN ({oldest})", (extra,))
