@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     fill_placeholders: bool = True      # models trained on Bitext templates fill {{placeholders}} from the profile
     # the custom model
     custom_checkpoint: Path|None = None # a checkpoint folder; None: the shipped checkpoint named by the version
+    max_batch: int = Field(16, ge=1, le=256)  # sequences the custom model decodes together (continuous batching); 1 = one at a time
     # the bank the assistant speaks for
     bank_name: str = "Example Bank"
     bank_profile: dict[str, str] = {}   # JSON object: placeholder name -> text, merged over the defaults

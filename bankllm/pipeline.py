@@ -62,6 +62,12 @@ class _QueueCollector(Collector):
             fam = kind(name, help_, labels=["model"])
             for m, q in queues.items(): fam.add_metric([m], q[key])
             yield fam
+        batches = {a.version: b for a in self.models() if (b := a.batch_stats())}
+        for name, help_, key in [("bankllm_batch_active", "Sequences in a model's running batch now (continuous batching).", "active"),
+                                 ("bankllm_batch_mean_occupancy", "Mean sequences per decode step since the model loaded.", "mean_batch")]:
+            fam = GaugeMetricFamily(name, help_, labels=["model"])
+            for m, b in batches.items(): fam.add_metric([m], b[key] or 0)
+            yield fam
         yield CounterMetricFamily("bankllm_model_evictions", "Idle models evicted from the cache (BANKLLM_MAX_MODELS).",
                                   value=ModelFactory.evictions)
 
@@ -556,6 +562,8 @@ def get_metrics(self:BankingLLMPipeline)->dict:
     return dict(pipeline_version=PIPELINE_VERSION, active_model=self.model.version, requests_total=self._count,
                 in_flight=self.in_flight, latency_buckets_s=list(LATENCY_BUCKETS_S),
                 models=self.metrics.summary(), queues=queued,
+                batching={a.version: b for a in [self.model, *ModelFactory.loaded()]
+                          if (b := a.batch_stats())},
                 evictions=ModelFactory.evictions,
                 fallbacks=dict(order=list(self.fallbacks), by_model_reason=dict(self.fallback_counts),
                                cooldowns=self.cooldowns.snapshot()),

@@ -280,6 +280,9 @@ class ModelAdapter:
     def _memory_mb(self)->float|None:
         "Memory this model holds, measured; default the process RSS"
         return process_rss_mb()
+    def batch_stats(self)->dict|None:
+        "Occupancy of the model's running batch, for adapters that batch requests together; default None"
+        return None
 
 # %% ../../nbs/10_adapter_base.ipynb #f70054eb
 def _load_once(self:ModelAdapter):

@@ -1,4 +1,4 @@
-"""`CustomAdapter`: the from-scratch `BankingLLM` served through `ModelAdapter`, generating in a worker thread with real confidence and streaming.
+"""`CustomAdapter`: the from-scratch `BankingLLM` served through `ModelAdapter`, with continuous batching, real confidence and streaming.
 
 Docs: https://bankllm.github.io/bankllm/custom_adapter.html.md"""
 
@@ -8,15 +8,15 @@ Docs: https://bankllm.github.io/bankllm/custom_adapter.html.md"""
 __all__ = ['CustomAdapter', 'evaluate_checkpoint', 'stored_quality']
 
 # %% ../../nbs/11_custom_adapter.ipynb #cdc8e682
-import codecs, math, threading, time
+import asyncio, codecs, math, time
 from pathlib import Path
 
 import pandas as pd
 import torch
 from fastcore.basics import patch
 
-from .base import (BadRequestError, ContextWindowError, Generation, ModelAdapter, ModelUnavailableError,
-                                   iterate_in_thread)
+from .base import BadRequestError, ContextWindowError, Generation, ModelAdapter, ModelUnavailableError
+from ..batching import BatchScheduler, SeqRequest
 from ..config import record_path
 from ..data import ANSWER_ROOM, PlaceholderFiller, file_sha256, fit_history, format_prompt, system_prompt, system_with
 from ..evaluation import dev_goals, load_quality, save_quality
@@ -33,7 +33,6 @@ def _checkpoint_for(version:str, config)->Path|FileNotFoundError:
 class CustomAdapter(ModelAdapter):
     "The from-scratch `BankingLLM` (a shipped or local checkpoint) behind the adapter contract"
     family = "custom"
-    max_concurrency = 1  # one generation at a time: torch already spreads one over every core
     def __init__(self, version:str|None=None, config=None,
                  checkpoint=None,                    # folder or shipped name (trusted); default: setting, else the version
                  fill_placeholders:bool|None=None):  # default: the `fill_placeholders` setting
@@ -41,7 +40,8 @@ class CustomAdapter(ModelAdapter):
         self.checkpoint = checkpoint or _checkpoint_for(self.version, self.config)
         self.fill = self.config.fill_placeholders if fill_placeholders is None else fill_placeholders
         self.model = self.tok = None
-        self._gen_lock = threading.Lock()
+        self.scheduler: BatchScheduler|None = None  # made at load: the thread that owns the model
+        self.admission.concurrency = self.config.max_batch  # requests in the batch at once; the rest wait in line
         self._device = pick_device(self.config.device)  # CUDA when present, unless the setting says otherwise
 
     @property
@@ -55,8 +55,15 @@ class CustomAdapter(ModelAdapter):
     def _load(self):
         if isinstance(self.checkpoint, Exception): raise ModelUnavailableError(f"{self.version}: {self.checkpoint}")
         self.model, self.tok = load_checkpoint(self.checkpoint, self.device)
+        self.scheduler = BatchScheduler(self.model, self.config.max_batch, name=f"bankllm-batch-{self.version}")
 
-    def _unload(self): self.model = self.tok = None
+    def _unload(self):
+        if self.scheduler is not None: self.scheduler.close()  # requests still in it get an error
+        self.model = self.tok = self.scheduler = None
+
+    def batch_stats(self)->dict|None:
+        "The scheduler's occupancy (`BatchScheduler.stats`) for metrics; None before the model is loaded"
+        return self.scheduler.stats() if self.scheduler is not None else None
 
     async def _health(self):
         if self.loaded: return True, None
@@ -70,12 +77,18 @@ class CustomAdapter(ModelAdapter):
 
 # %% ../../nbs/11_custom_adapter.ipynb #bef78f69
 @patch
-def _token_stream(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None):
-    "Blocking: yield (token id, log-prob) under the model's lock"
+async def _tokens(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None):
+    "(token id, log-prob) pairs for one request, as the scheduler's steps make them"
+    loop, q = asyncio.get_running_loop(), asyncio.Queue()
     gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-    with self._gen_lock:
-        yield from self.model.stream_generate(ids, max_tokens, temperature, top_k, top_p,
-                                              stop_ids=self.tok.stop_ids, generator=gen)
+    req = SeqRequest(ids, max_tokens, lambda x: loop.call_soon_threadsafe(q.put_nowait, x), temperature, top_k, top_p,
+                     gen, frozenset(self.tok.stop_ids))
+    try:
+        self.scheduler.submit(req)
+        while (x := await q.get()) is not None:
+            if isinstance(x, BaseException): raise x
+            yield x
+    finally: req.cancelled = True  # finished, failed or abandoned: the scheduler lets go of its row
 
 @patch
 async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=None, top_p=None, seed=None,
@@ -92,7 +105,7 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     filler = PlaceholderFiller(self.config.placeholders, fill=self.fill)  # always: a cut answer drops an unfinished placeholder
     stops, logprobs, finish, text, t0, ttft = set(self.tok.stop_ids), [], "length", [], time.perf_counter(), None
-    async for tok, lp in iterate_in_thread(lambda: self._token_stream(ids, min(max_tokens, room), temperature, top_k, top_p, seed)):
+    async for tok, lp in self._tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed):
         if tok in stops: finish = "stop"; break
         logprobs.append(lp)
         d = utf8.decode(self.tok.decode_bytes([tok], skip_special=True))
