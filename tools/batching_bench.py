@@ -9,7 +9,7 @@
    every request is the same work), in float32 (the weights as shipped) and in bfloat16 (what vLLM casts a float32
    model to on a CPU by default): our `BatchScheduler` in-process, twice around vLLM (`tools/vllm_batching.py`, run
    with `--vllm-python`, on the same checkpoint exported as a Hugging Face folder, the same prompt token ids); the
-   best of two runs per engine and concurrency.
+   best of two runs per engine and concurrency. Ours also with one torch thread (the default is one per core).
 3. Through the API: the app on uvicorn on loopback, `/v1/chat/completions` clients at the same concurrencies.
 Writes to `record_path(OUT)`: a scratch copy unless BANKLLM_UPDATE_SHIPPED=1.
 """
@@ -54,9 +54,11 @@ async def closed_loop(c, n, one):
     return res, time.perf_counter() - t0
 
 
-async def goal_case(reps=2, max_tokens=128):
+async def goal_case(reps=2, max_tokens=128, threads=None):
     from bankllm.adapters.custom import CustomAdapter
     from bankllm.config import get_config
+    default_threads = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)  # the schedulers' threads start with this count
     qs = QUESTIONS[:16]
     batched = CustomAdapter(config=get_config(max_batch=16), fill_placeholders=False)
     locked = CustomAdapter(config=get_config(max_batch=1), fill_placeholders=False)
@@ -83,19 +85,23 @@ async def goal_case(reps=2, max_tokens=128):
     base = best["one by one"]["tokens_per_s"]
     rows = [dict(r, vs_one_by_one=round(r["tokens_per_s"] / base, 2)) for r in best.values()]
     same = texts["16 at once, batched"] == texts["one by one"]
+    batched.unload(); locked.unload()
+    torch.set_num_threads(default_threads)
     print("goal", json.dumps(rows), "same answers:", same, flush=True)
-    return dict(rows=rows, same_answers=same, same_answers_one_at_a_time=texts["16 at once, one at a time"] == texts["one by one"],
+    return dict(threads=threads or default_threads, rows=rows, same_answers=same, same_answers_one_at_a_time=texts["16 at once, one at a time"] == texts["one by one"],
                 questions=len(qs), max_tokens=max_tokens, example=texts["16 at once, batched"][0])
 
 
-async def ours_sweep(model, prompts, concurrency, n_requests, max_tokens, label):
-    from bankllm.batching import BatchScheduler, SeqRequest
+async def ours_sweep(model, prompts, concurrency, n_requests, max_tokens, label, threads=None):
+    from bankllm.batching import BatchScheduler, LoopInbox, SeqRequest
+    default_threads = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)  # the scheduler's thread, started below, takes this count
     sched = BatchScheduler(model, max_batch=max(concurrency))
-    loop = asyncio.get_running_loop()
+    inbox = LoopInbox(asyncio.get_running_loop())  # as the custom adapter does
     ids = {}
     async def one(i):
         q, t0, ttft, out = asyncio.Queue(), time.perf_counter(), None, []
-        sched.submit(SeqRequest(prompts[i % len(prompts)], max_tokens, lambda x: loop.call_soon_threadsafe(q.put_nowait, x)))
+        sched.submit(SeqRequest(prompts[i % len(prompts)], max_tokens, inbox.sender(q)))
         while (x := await q.get()) is not None:
             if isinstance(x, BaseException): raise x
             ttft = ttft or time.perf_counter() - t0
@@ -112,6 +118,7 @@ async def ours_sweep(model, prompts, concurrency, n_requests, max_tokens, label)
         print(json.dumps(rows[-1]), flush=True)
     rows[-1]["mean_batch_all_runs"] = sched.stats()["mean_batch"]
     sched.close()
+    torch.set_num_threads(default_threads)
     return rows, first_ids
 
 
@@ -205,13 +212,15 @@ def main():
                             loadavg_start=os.getloadavg()),
                model="custom_model_built_0.1.0", requests=a.requests, max_tokens=a.max_tokens, concurrency=conc)
     out["goal"] = asyncio.run(goal_case())
-    models = dict(float32=model, bfloat16=load_checkpoint("custom_model_built_0.1.0")[0].to(torch.bfloat16))
+    out["goal_1_thread"] = asyncio.run(goal_case(threads=1))
+    bf16 = load_checkpoint("custom_model_built_0.1.0")[0].to(torch.bfloat16)
+    variants = {"float32": (model, None), "bfloat16": (bf16, None), "float32, 1 thread": (model, 1)}
     def ours():
-        return {dt: asyncio.run(ours_sweep(m, prompts, conc, a.requests, a.max_tokens, dt)) for dt, m in models.items()}
+        return {k: asyncio.run(ours_sweep(m, prompts, conc, a.requests, a.max_tokens, k, th)) for k, (m, th) in variants.items()}
     runs = [ours()]
     if a.vllm_python:
         out["vllm"] = {}
-        for dt in models:
+        for dt in ["float32", "bfloat16"]:
             v = vllm_sweep(a.vllm_python, model, tok, prompts, conc, a.requests, a.max_tokens, dt)
             ids = runs[0][dt][1]
             same = [v["ids_at_concurrency_1"].get(str(i)) == ids[i] for i in sorted(ids)]
@@ -219,7 +228,7 @@ def main():
                                    same_greedy_ids_as_ours_at_concurrency_1=f"{sum(same)}/{len(same)}")
         runs.append(ours())
     out["ours_runs"] = [{dt: rows for dt, (rows, _) in r.items()} for r in runs]
-    out["sweep"] = [row for dt in models for row in best_of(*[r[dt][0] for r in runs])]
+    out["sweep"] = [row for k in variants for row in best_of(*[r[k][0] for r in runs])]
     out["sweep"] += [row for v in out.get("vllm", {}).values() for row in v["rows"]]
     out["api"] = asyncio.run(api_sweep(conc, a.requests, a.max_tokens))
     out["sweep"] += out["api"]

@@ -8,7 +8,7 @@ Docs: https://bankllm.github.io/bankllm/custom_adapter.html.md"""
 __all__ = ['CustomAdapter', 'evaluate_checkpoint', 'stored_quality']
 
 # %% ../../nbs/11_custom_adapter.ipynb #cdc8e682
-import asyncio, codecs, math, time
+import asyncio, codecs, math, time, weakref
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +16,7 @@ import torch
 from fastcore.basics import patch
 
 from .base import BadRequestError, ContextWindowError, Generation, ModelAdapter, ModelUnavailableError
-from ..batching import BatchScheduler, SeqRequest
+from ..batching import BatchScheduler, LoopInbox, SeqRequest
 from ..config import record_path
 from ..data import ANSWER_ROOM, PlaceholderFiller, file_sha256, fit_history, format_prompt, system_prompt, system_with
 from ..evaluation import dev_goals, load_quality, save_quality
@@ -41,6 +41,7 @@ class CustomAdapter(ModelAdapter):
         self.fill = self.config.fill_placeholders if fill_placeholders is None else fill_placeholders
         self.model = self.tok = None
         self.scheduler: BatchScheduler|None = None  # made at load: the thread that owns the model
+        self._inboxes = weakref.WeakKeyDictionary()  # event loop -> the LoopInbox that carries tokens to it
         self.admission.concurrency = self.config.max_batch  # requests in the batch at once; the rest wait in line
         self._device = pick_device(self.config.device)  # CUDA when present, unless the setting says otherwise
 
@@ -80,9 +81,9 @@ class CustomAdapter(ModelAdapter):
 async def _tokens(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None):
     "(token id, log-prob) pairs for one request, as the scheduler's steps make them"
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
+    inbox = self._inboxes.get(loop) or self._inboxes.setdefault(loop, LoopInbox(loop))
     gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-    req = SeqRequest(ids, max_tokens, lambda x: loop.call_soon_threadsafe(q.put_nowait, x), temperature, top_k, top_p,
-                     gen, frozenset(self.tok.stop_ids))
+    req = SeqRequest(ids, max_tokens, inbox.sender(q), temperature, top_k, top_p, gen, frozenset(self.tok.stop_ids))
     try:
         self.scheduler.submit(req)
         while (x := await q.get()) is not None:
