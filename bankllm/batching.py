@@ -7,7 +7,7 @@ Docs: https://bankllm.github.io/bankllm/batching.html.md"""
 # %% auto #0
 __all__ = ['decode_throughput', 'SeqRequest', 'BatchScheduler', 'LoopInbox']
 
-# %% ../nbs/03b_batching.ipynb #0ef61a73
+# %% ../nbs/03b_batching.ipynb #c7a0685a
 import asyncio, threading, time
 from collections import deque
 from collections.abc import Callable
@@ -19,7 +19,7 @@ from fastcore.basics import patch
 
 from .transformer import BankingLLM, DecodeWeights, KVCache, next_token
 
-# %% ../nbs/03b_batching.ipynb #adbc6b92
+# %% ../nbs/03b_batching.ipynb #09bbed92
 @patch
 def row(self:KVCache, i:int)->KVCache:
     "A batch-size-1 `KVCache` whose tensors are views of row `i` of this one: `forward(ids, cache=c.row(i))` fills that row"
@@ -32,7 +32,7 @@ def move_row(self:KVCache, src:int, dst:int, length:int):
     "Copy positions 0..length-1 of row `src` into row `dst` (keeps the live rows of a batch packed at the top)"
     for t in self.k + self.v: t[dst, :, :length] = t[src, :, :length]
 
-# %% ../nbs/03b_batching.ipynb #90cdb4cc
+# %% ../nbs/03b_batching.ipynb #447518c2
 def _inv_rms_rows(x:torch.Tensor,      # (B, C) one row per sequence
                   c_eps:torch.Tensor,  # (1, 1) float32: C * eps
                  )->torch.Tensor:     # (B, 1) in x's dtype
@@ -73,7 +73,7 @@ def decode_batch(self:BankingLLM,
         x = torch.addmm(x, F.silu(gu[:, :ffn]) * gu[:, ffn:], w_down)         # x + SwiGLU
     return (x @ dw.head).mul_(_inv_rms_rows(x, dw.c_eps)).float()
 
-# %% ../nbs/03b_batching.ipynb #64415ae8
+# %% ../nbs/03b_batching.ipynb #f5b3960f
 def decode_throughput(model:BankingLLM,
                       batch_sizes=(1, 2, 4, 8, 16, 32),
                       pos:int=100,          # where the sequences are: keys read per step grow with it
@@ -102,7 +102,7 @@ def _timed(f)->float:
     t0 = time.perf_counter(); f()
     return time.perf_counter() - t0
 
-# %% ../nbs/03b_batching.ipynb #af9504a8
+# %% ../nbs/03b_batching.ipynb #9424fe3c
 @dataclass(eq=False)
 class SeqRequest:
     "One sequence for a `BatchScheduler`: what to generate, and where its tokens go"
@@ -128,7 +128,7 @@ def _check(r:SeqRequest, block_size:int):
     if not r.ids: raise ValueError("the prompt must hold at least one token")
     if len(r.ids) > block_size: raise ValueError(f"a prompt of {len(r.ids)} tokens does not fit block_size={block_size}")
 
-# %% ../nbs/03b_batching.ipynb #f77fe853
+# %% ../nbs/03b_batching.ipynb #7ef7075f
 class BatchScheduler:
     "One thread owns the model; requests join the running batch at the next step and leave when done"
     def __init__(self, model:BankingLLM,
@@ -168,7 +168,7 @@ class BatchScheduler:
             self._cv.notify()
         if self._thread is not None: self._thread.join(timeout)
 
-# %% ../nbs/03b_batching.ipynb #003ddc38
+# %% ../nbs/03b_batching.ipynb #41bca9f2
 def _emit(r:SeqRequest, x):
     "Hand `x` to the consumer; a consumer that cannot take it (its event loop closed) is treated as gone"
     try: r.emit(x)
@@ -199,7 +199,7 @@ def _run(self:BatchScheduler):
                 for r in self.active: _emit(r, e)
                 self.active.clear()
 
-# %% ../nbs/03b_batching.ipynb #2166d836
+# %% ../nbs/03b_batching.ipynb #f1f7a13a
 @patch
 def _accept(self:BatchScheduler, r:SeqRequest, tok:int, logprob:float):
     "Emit a new token and decide whether the sequence goes on (the same rules as `stream_generate`)"
@@ -260,7 +260,7 @@ def _leave(self:BatchScheduler):
             self._cache.move_row(len(self.active), b, last.n)
             self.active[b] = last
 
-# %% ../nbs/03b_batching.ipynb #d0bfdd88
+# %% ../nbs/03b_batching.ipynb #61da3c3f
 class LoopInbox:
     "Carries items from the scheduler's thread to asyncio queues of one event loop, waking the loop once per burst"
     def __init__(self, loop:asyncio.AbstractEventLoop):
