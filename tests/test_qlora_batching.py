@@ -179,3 +179,18 @@ def test_the_setting_is_bounded():
     for bad in (0, 10_000):
         with pytest.raises(ValidationError): get_config(qlora_max_batch=bad)
     assert get_config().qlora_max_batch == 16
+
+
+async def test_a_client_that_leaves_the_adapters_stream_frees_its_row(adapter):
+    cfg = get_config(qlora_engine="transformers", qlora_adapter=str(adapter[0]), qlora_base=str(adapter[1]),
+                     qlora_load_in_4bit=False, fill_placeholders=False)
+    qa = QLoRAAdapter(config=cfg)
+    await qa.load()
+    qa._impl.stops = set()  # a random model: no early end, so only leaving can end this answer early
+    s = qa.stream(TEXT[0], max_tokens=1000, temperature=0)
+    await anext(s); await s.aclose()
+    for _ in range(200):
+        if qa._impl.batch_stats()["running"] == 0: break
+        await asyncio.sleep(0.01)
+    assert qa._impl.batch_stats()["running"] == 0 and qa._impl.batch_stats()["steps"] < 200
+    qa._unload()

@@ -1,4 +1,4 @@
-"""`QLoRAAdapter`: a base model + LoRA adapter behind the contract, served by one of three engines: vLLM in-process, transformers + peft in a worker thread, or a remote OpenAI-compatible server such as `vllm serve`.
+"""`QLoRAAdapter`: a base model + LoRA adapter behind the contract, served by one of three engines: vLLM in-process, transformers + peft (concurrent answers batched by one driver thread), or a remote OpenAI-compatible server such as `vllm serve`.
 
 Docs: https://bankllm.github.io/bankllm/qlora_adapter.html.md"""
 
@@ -10,6 +10,7 @@ __all__ = ['KV', 'vllm_installed', 'pick_engine', 'QLoRAAdapter', 'join_rows', '
 
 # %% ../../nbs/13_qlora_adapter.ipynb #bf6b9e0b
 import asyncio, importlib.util, inspect, itertools, json, logging, math, queue, re, threading, time
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,13 +39,14 @@ def pick_engine(setting:str="auto", remote_url:str|None=None, has_vllm:bool|None
     has_cuda = torch.cuda.is_available() if has_cuda is None else has_cuda
     return "vllm" if has_vllm and has_cuda else "transformers"
 
-# %% ../../nbs/13_qlora_adapter.ipynb #e5b1073d
+# %% ../../nbs/13_qlora_adapter.ipynb #57b82fb4
 def _adapter_for(version:str, config)->str|Path|FileNotFoundError:
     "The adapter a version names: the `qlora_adapter` setting (trusted), else the artifact called `version`"
     if config.qlora_adapter: return config.qlora_adapter
     try: return find_artifact(version, "adapter_config.json", "LoRA adapter", config.checkpoint_dirs)
     except FileNotFoundError as e: return e
 
+# %% ../../nbs/13_qlora_adapter.ipynb #5f2faff4
 class QLoRAAdapter(ModelAdapter):
     "A base model + LoRA adapter behind the adapter contract, served by vLLM, transformers or a remote server"
     family = "qlora"
@@ -78,11 +80,13 @@ class QLoRAAdapter(ModelAdapter):
 
     @classmethod
     def artifact_key(cls, version, config):
+        "What identifies the loaded model: engine, adapter folder and base; equal keys share one loaded copy"
         a = _adapter_for(version, config)
         if isinstance(a, Exception): return None
         try: d = adapter_dir(a).resolve()
         except FileNotFoundError: return None
         return f"qlora:{pick_engine(config.qlora_engine, config.qlora_remote_url)}:{d}:{config.qlora_base}"
+
 
 # %% ../../nbs/13_qlora_adapter.ipynb #5d05b810
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) pair per layer, each (B, n_kv_head, T, head_dim)
@@ -305,7 +309,7 @@ class TextDeltas:
         d, self.sent = text[self.sent:], len(text)
         return d
 
-# %% ../../nbs/13_qlora_adapter.ipynb #e518b9b9
+# %% ../../nbs/13_qlora_adapter.ipynb #9c974ec3
 @patch
 def _load(self:QLoRAAdapter):
     if self.engine == "transformers":
@@ -328,45 +332,53 @@ def _confidence(logprobs:list[float])->float|None:
     return math.exp(sum(logprobs) / len(logprobs)) if logprobs else None
 
 @patch
-async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None, top_p=None, seed=None, history=(),
-                  system=None, **kw):
+def _system_for(self:QLoRAAdapter, system:str|None, prompt:str, history=())->str|None:
+    "The system prompt the adapter was trained with, a caller's addition after it; a chat we cannot format is a 400"
     system = system_with(self.system or system_prompt(self.config), system) if system else self.system  # the bank's first
     try: chat_messages(prompt, system, history)
     except ValueError as e: raise BadRequestError(str(e)) from e  # chat control tokens, or a history role that isn't one
-    filler = PlaceholderFiller(self.config.placeholders, fill=self.fill)  # always: a cut answer drops an unfinished placeholder
-    fill = filler.feed
-    parts = []
-    if self.engine == "transformers":
-        eng = self._impl
-        history, dropped = fit_history(history, lambda h: len(eng.prompt_ids(prompt, system, h)) + min(max_tokens, ANSWER_ROOM) <= eng.context)
-        ids = eng.prompt_ids(prompt, system, history)
-        room = eng.context - len(ids)
-        if room < 1: raise ContextWindowError(f"prompt is {len(ids)} tokens; this model's context holds {eng.context}")
-        deltas, logprobs, finish, t0, ttft = TextDeltas(eng.tok), [], "length", time.perf_counter(), None
-        async for tok, lp in eng.stream_tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed):
+    return system
+
+# %% ../../nbs/13_qlora_adapter.ipynb #f8c8c24f
+@patch
+async def _engine_deltas(self:QLoRAAdapter, prompt, system, history, max_tokens, temperature, top_k, top_p, seed):
+    "The transformers engine's text deltas, then a closing `Generation` with the counts and the confidence"
+    eng = self._impl
+    history, dropped = fit_history(history, lambda h: len(eng.prompt_ids(prompt, system, h)) + min(max_tokens, ANSWER_ROOM) <= eng.context)
+    ids = eng.prompt_ids(prompt, system, history)
+    room = eng.context - len(ids)
+    if room < 1: raise ContextWindowError(f"prompt is {len(ids)} tokens; this model's context holds {eng.context}")
+    deltas, logprobs, finish = TextDeltas(eng.tok), [], "length"
+    async with aclosing(eng.stream_tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed)) as toks:
+        async for tok, lp in toks:
             if tok in eng.stops: finish = "stop"; break
             logprobs.append(lp)
-            if d := fill(deltas.feed(tok)):
-                if ttft is None: ttft = (time.perf_counter() - t0) * 1000
-                parts.append(d); yield d
-        final = Generation("", tokens=len(logprobs), prompt_tokens=len(ids), finish_reason=finish,
-                           confidence=_confidence(logprobs), ttft_ms=ttft, turns_dropped=dropped)
-        tail = fill(deltas.feed(None, final=True))
-    else:
-        final, t0, ttft = None, time.perf_counter(), None
-        async for d in self._impl.stream(prompt, system, max_tokens, temperature, top_p=top_p, seed=seed, history=history):
+            if d := deltas.feed(tok): yield d
+    if d := deltas.feed(None, final=True): yield d
+    yield Generation("", tokens=len(logprobs), prompt_tokens=len(ids), finish_reason=finish,
+                     confidence=_confidence(logprobs), turns_dropped=dropped)
+
+@patch
+async def _stream(self:QLoRAAdapter, prompt, max_tokens, temperature, top_k=None, top_p=None, seed=None, history=(),
+                  system=None, **kw):
+    system = self._system_for(system, prompt, history)
+    filler = PlaceholderFiller(self.config.placeholders, fill=self.fill)  # always: a cut answer drops an unfinished placeholder
+    source = (self._engine_deltas(prompt, system, history, max_tokens, temperature, top_k, top_p, seed)
+              if self.engine == "transformers" else
+              self._impl.stream(prompt, system, max_tokens, temperature, top_p=top_p, seed=seed, history=history))
+    final, parts, t0, ttft = None, [], time.perf_counter(), None
+    async with aclosing(source):  # a client that leaves closes the engine's stream at once (and frees its row)
+        async for d in source:
             if isinstance(d, Generation): final = d; continue
-            if d := fill(d):
+            if d := filler.feed(d):
                 if ttft is None: ttft = (time.perf_counter() - t0) * 1000
                 parts.append(d); yield d
-        if final.ttft_ms is None: final.ttft_ms = ttft  # so `generate` reports the first token's time, not the last
-        tail = ""
-    tail += filler.flush(cut=final.finish_reason == "length")
-    if tail: parts.append(tail); yield tail
+    if final.ttft_ms is None: final.ttft_ms = ttft  # so `generate` reports the first token's time, not the last
+    if tail := filler.flush(cut=final.finish_reason == "length"): parts.append(tail); yield tail
     final.text = "".join(parts)
     yield final
 
-# %% ../../nbs/13_qlora_adapter.ipynb #454009f6
+# %% ../../nbs/13_qlora_adapter.ipynb #5deaa177
 def _context(path:str, cap:int)->int|None:
     "The base's context length, capped (a 128 k context would reserve a huge KV cache); None for hub ids"
     try: n = json.loads((Path(path)/"config.json").read_text()).get("max_position_embeddings")
@@ -400,65 +412,70 @@ class VLLMEngine:
                 self.driver.start()
             self.cv.notify()
 
-    def _drive(self):
-        "The only thread that touches the engine: take in new requests and aborts, then one step for all live ones"
-        eng, live = self.llm.llm_engine, {}  # request id -> put(output or exception) into its consumer's queue
-        while True:
-            with self.cv:
-                while not self.inbox and not live: self.cv.wait()
-                inbox, self.inbox = self.inbox, []
-            for msg in inbox:
-                if msg[0] == "abort":
-                    if live.pop(msg[1], None): self._abort(eng, msg[1])  # the consumer left early
-                    continue
-                _, rid, prompt, params, put = msg
-                try: eng.add_request(rid, prompt, params, lora_request=self.lora)  # returns vLLM's internal id: unused
-                except ValueError as e: put(BadRequestError(f"vLLM refused the request: {e}")); continue
-                except Exception as e: put(e); continue
-                live[rid] = put
-            if not live: continue
-            try: outs = eng.step()  # one token more for every live request, batched
-            except Exception as e:
-                for put in live.values(): put(AdapterError(f"vLLM engine step failed: {type(e).__name__}: {e}"))
-                live.clear(); continue
-            for out in outs:
-                put = live.get(out.request_id)
-                if put is None: continue
-                if out.finished: del live[out.request_id]
-                if not put(out) and not out.finished:  # its event loop is gone
-                    del live[out.request_id]; self._abort(eng, out.request_id)
-
     @staticmethod
     def _abort(eng, rid:str):
         "Abort a request nobody waits for; a failure is logged, never allowed to stop the driver"
         try: eng.abort_request([rid])
         except Exception as e: _log.warning("vLLM could not abort request %s: %s: %s", rid, type(e).__name__, e)
 
-    async def stream(self, prompt, system, max_tokens, temperature, top_p=None, seed=None, history=()):
-        from vllm import SamplingParams
-        ids = self.tok.apply_chat_template(chat_messages(prompt, system, history), add_generation_prompt=True,
-                                           tokenize=True, return_dict=True)["input_ids"]
-        sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed, top_p=top_p or 1.0)
-        loop, q, rid = asyncio.get_running_loop(), asyncio.Queue(), f"bankllm-{next(self.ids)}"
-        def put(x)->bool:
-            try: loop.call_soon_threadsafe(q.put_nowait, x); return True
-            except RuntimeError: return False  # the loop has closed
-        self._send(("add", rid, {"prompt_token_ids": list(ids)}, sp, put))
-        sent, last = 0, None
-        try:
-            while last is None or not last.finished:
-                last = await q.get()
-                if isinstance(last, BaseException): raise last
-                text = last.outputs[0].text  # everything so far, detokenized by vLLM
-                if len(text) > sent: yield text[sent:]; sent = len(text)
-        finally:
-            if not isinstance(last, BaseException) and (last is None or not last.finished): self._send(("abort", rid))
-        o = last.outputs[0]
-        lps = [d[t].logprob for d, t in zip(o.logprobs or [], o.token_ids) if d and t in d]
-        yield Generation("", tokens=len(o.token_ids), prompt_tokens=len(last.prompt_token_ids or []),
-                         finish_reason="length" if o.finish_reason == "length" else "stop", confidence=_confidence(lps))
+# %% ../../nbs/13_qlora_adapter.ipynb #3c6d5536
+@patch
+def _drive(self:VLLMEngine):
+    "The only thread that touches the engine: take in new requests and aborts, then one step for all live ones"
+    eng, live = self.llm.llm_engine, {}  # request id -> put(output or exception) into its consumer's queue
+    while True:
+        with self.cv:
+            while not self.inbox and not live: self.cv.wait()
+            inbox, self.inbox = self.inbox, []
+        for msg in inbox:
+            if msg[0] == "abort":
+                if live.pop(msg[1], None): self._abort(eng, msg[1])  # the consumer left early
+                continue
+            _, rid, prompt, params, put = msg
+            try: eng.add_request(rid, prompt, params, lora_request=self.lora)  # returns vLLM's internal id: unused
+            except ValueError as e: put(BadRequestError(f"vLLM refused the request: {e}")); continue
+            except Exception as e: put(e); continue
+            live[rid] = put
+        if not live: continue
+        try: outs = eng.step()  # one token more for every live request, batched
+        except Exception as e:
+            for put in live.values(): put(AdapterError(f"vLLM engine step failed: {type(e).__name__}: {e}"))
+            live.clear(); continue
+        for out in outs:
+            put = live.get(out.request_id)
+            if put is None: continue
+            if out.finished: del live[out.request_id]
+            if not put(out) and not out.finished:  # its event loop is gone
+                del live[out.request_id]; self._abort(eng, out.request_id)
 
-# %% ../../nbs/13_qlora_adapter.ipynb #74b8c671
+# %% ../../nbs/13_qlora_adapter.ipynb #6c99e6de
+@patch
+async def stream(self:VLLMEngine, prompt, system, max_tokens, temperature, top_p=None, seed=None, history=()):
+    "Text deltas of one answer, one per engine step, then a closing `Generation`; leaving early aborts the request"
+    from vllm import SamplingParams
+    ids = self.tok.apply_chat_template(chat_messages(prompt, system, history), add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"]
+    sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed, top_p=top_p or 1.0)
+    loop, q, rid = asyncio.get_running_loop(), asyncio.Queue(), f"bankllm-{next(self.ids)}"
+    def put(x)->bool:
+        try: loop.call_soon_threadsafe(q.put_nowait, x); return True
+        except RuntimeError: return False  # the loop has closed
+    self._send(("add", rid, {"prompt_token_ids": list(ids)}, sp, put))
+    sent, last = 0, None
+    try:
+        while last is None or not last.finished:
+            last = await q.get()
+            if isinstance(last, BaseException): raise last
+            text = last.outputs[0].text  # everything so far, detokenized by vLLM
+            if len(text) > sent: yield text[sent:]; sent = len(text)
+    finally:
+        if not isinstance(last, BaseException) and (last is None or not last.finished): self._send(("abort", rid))
+    o = last.outputs[0]
+    lps = [d[t].logprob for d, t in zip(o.logprobs or [], o.token_ids) if d and t in d]
+    yield Generation("", tokens=len(o.token_ids), prompt_tokens=len(last.prompt_token_ids or []),
+                     finish_reason="length" if o.finish_reason == "length" else "stop", confidence=_confidence(lps))
+
+# %% ../../nbs/13_qlora_adapter.ipynb #b8fcdfaf
 class OpenAIEngine:
     "A remote OpenAI-compatible chat server (e.g. `vllm serve ... --enable-lora`), via the official async client"
     device = "remote"
@@ -477,55 +494,63 @@ class OpenAIEngine:
         if loop not in self._clients: self._clients = {l: c for l, c in self._clients.items() if not l.is_closed()} | {loop: self._new()}
         return self._clients[loop]
 
-    def _error(self, e:Exception)->AdapterError:
-        import openai
-        where = f"QLoRA server {self.url}"
-        if isinstance(e, openai.APITimeoutError): return AdapterTimeoutError(f"{where}: timed out")
-        if isinstance(e, openai.APIConnectionError): return ModelUnavailableError(f"{where} is unreachable: {type(e.__cause__ or e).__name__}")
-        if isinstance(e, openai.APIStatusError):
-            msg = f"{where} answered {e.status_code}: {_message(e)}"
-            if e.status_code == 429: return RateLimitedError(msg)
-            if e.status_code in (400, 422): return BadRequestError(msg)
-            if e.status_code == 404: return ModelUnavailableError(f"{msg} (is the LoRA module named {self.model!r}?)")
-            if e.status_code in (401, 403): return ModelUnavailableError(f"{msg} (check BANKLLM_QLORA_API_KEY)")
-            return AdapterError(msg, status_code=503 if e.status_code == 503 else 502)
-        return AdapterError(f"{where}: {type(e).__name__}: {e}")
-
-    async def stream(self, prompt, system, max_tokens, temperature, top_p=None, seed=None, history=()):
-        import openai
-        kw = dict(model=self.model, messages=chat_messages(prompt, system, history), max_tokens=max_tokens,
-                  temperature=temperature, stream=True, stream_options={"include_usage": True},
-                  **({"top_p": top_p} if top_p else {}), **({"seed": seed} if seed is not None else {}))
-        try:
-            try: resp = await self.client.chat.completions.create(**kw, logprobs=self.logprobs)
-            except openai.BadRequestError as e:
-                if not self.logprobs or "logprob" not in _message(e).lower(): raise
-                self.logprobs = False  # this server does not do log-probs: ask without, from now on
-                resp = await self.client.chat.completions.create(**kw)
-            lps, finish, usage, n = [], "length", None, 0
-            async for chunk in resp:
-                usage = chunk.usage or usage
-                for ch in chunk.choices:
-                    if ch.logprobs and ch.logprobs.content: lps += [c.logprob for c in ch.logprobs.content]
-                    if ch.delta and ch.delta.content: n += 1; yield ch.delta.content
-                    if ch.finish_reason: finish = "length" if ch.finish_reason == "length" else "stop"
-        except AdapterError: raise
-        except Exception as e: raise self._error(e) from None
-        yield Generation("", tokens=usage.completion_tokens if usage else (len(lps) or n),
-                         prompt_tokens=usage.prompt_tokens if usage else None, finish_reason=finish,
-                         confidence=_confidence(lps))
-
-    async def health(self)->tuple[bool, str|None]:
-        try: ids = [m.id async for m in self.client.models.list()]
-        except Exception as e: return False, str(self._error(e))
-        return (True, None) if self.model in ids else (False, f"QLoRA server {self.url} serves {ids}, not {self.model!r}")
-
 def _message(e)->str:
     "The server's own error message, from an OpenAI-style body"
     body = getattr(e, "body", None)
     if isinstance(body, dict): body = body.get("error", body)
     if isinstance(body, dict) and body.get("message"): return str(body["message"])[:500]
     return str(getattr(e, "message", e))[:500]
+
+# %% ../../nbs/13_qlora_adapter.ipynb #690903b5
+@patch
+def _error(self:OpenAIEngine, e:Exception)->AdapterError:
+    "The adapter error a failed call means: a status keeps its meaning; the key is never part of the message"
+    import openai
+    where = f"QLoRA server {self.url}"
+    if isinstance(e, openai.APITimeoutError): return AdapterTimeoutError(f"{where}: timed out")
+    if isinstance(e, openai.APIConnectionError): return ModelUnavailableError(f"{where} is unreachable: {type(e.__cause__ or e).__name__}")
+    if isinstance(e, openai.APIStatusError):
+        msg = f"{where} answered {e.status_code}: {_message(e)}"
+        if e.status_code == 429: return RateLimitedError(msg)
+        if e.status_code in (400, 422): return BadRequestError(msg)
+        if e.status_code == 404: return ModelUnavailableError(f"{msg} (is the LoRA module named {self.model!r}?)")
+        if e.status_code in (401, 403): return ModelUnavailableError(f"{msg} (check BANKLLM_QLORA_API_KEY)")
+        return AdapterError(msg, status_code=503 if e.status_code == 503 else 502)
+    return AdapterError(f"{where}: {type(e).__name__}: {e}")
+
+# %% ../../nbs/13_qlora_adapter.ipynb #d19138be
+@patch
+async def stream(self:OpenAIEngine, prompt, system, max_tokens, temperature, top_p=None, seed=None, history=()):  # noqa: F811 (a method of another class)
+    "Text deltas as the server streams them, then a closing `Generation` (counts; confidence from its log-probabilities)"
+    import openai
+    kw = dict(model=self.model, messages=chat_messages(prompt, system, history), max_tokens=max_tokens,
+              temperature=temperature, stream=True, stream_options={"include_usage": True},
+              **({"top_p": top_p} if top_p else {}), **({"seed": seed} if seed is not None else {}))
+    try:
+        try: resp = await self.client.chat.completions.create(**kw, logprobs=self.logprobs)
+        except openai.BadRequestError as e:
+            if not self.logprobs or "logprob" not in _message(e).lower(): raise
+            self.logprobs = False  # this server does not do log-probs: ask without, from now on
+            resp = await self.client.chat.completions.create(**kw)
+        lps, finish, usage, n = [], "length", None, 0
+        async for chunk in resp:
+            usage = chunk.usage or usage
+            for ch in chunk.choices:
+                if ch.logprobs and ch.logprobs.content: lps += [c.logprob for c in ch.logprobs.content]
+                if ch.delta and ch.delta.content: n += 1; yield ch.delta.content
+                if ch.finish_reason: finish = "length" if ch.finish_reason == "length" else "stop"
+    except AdapterError: raise
+    except Exception as e: raise self._error(e) from None
+    yield Generation("", tokens=usage.completion_tokens if usage else (len(lps) or n),
+                     prompt_tokens=usage.prompt_tokens if usage else None, finish_reason=finish,
+                     confidence=_confidence(lps))
+
+@patch
+async def health(self:OpenAIEngine)->tuple[bool, str|None]:
+    "Healthy when the server answers and serves the adapter's name"
+    try: ids = [m.id async for m in self.client.models.list()]
+    except Exception as e: return False, str(self._error(e))
+    return (True, None) if self.model in ids else (False, f"QLoRA server {self.url} serves {ids}, not {self.model!r}")
 
 # %% ../../nbs/13_qlora_adapter.ipynb #b11c05d2
 @patch
