@@ -11,8 +11,8 @@ __all__ = ['log', 'MAX_MESSAGE_CHARS', 'MAX_TOKENS_LIMIT', 'MAX_BODY_BYTES', 'MA
            'operations_router', 'ROUTERS', 'luhn_ok', 'iban_ok', 'mask_sensitive', 'RedactFilter', 'install_redaction',
            'error_body', 'error_response', 'ChatRequest', 'TextPart', 'OpenAIMessage', 'StreamOptions',
            'ChatCompletionRequest', 'RequestContext', 'http_responses_counter', 'metrics_text', 'resolve_model',
-           'ClientDisconnected', 'require_admin', 'create_app', 'chat', 'openai_models', 'chat_completions',
-           'benchmark_summary', 'benchmark_run', 'switch', 'models', 'health', 'ready', 'metrics', 'api_overhead']
+           'ClientDisconnected', 'require_admin', 'chat', 'openai_models', 'chat_completions', 'benchmark_summary',
+           'benchmark_run', 'switch', 'models', 'health', 'ready', 'metrics', 'create_app', 'api_overhead']
 
 # %% ../nbs/50_app.ipynb #bd799aec
 import asyncio, contextlib, hmac, json, logging, re, time, uuid
@@ -179,6 +179,28 @@ class OpenAIMessage(BaseModel):
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
+
+# %% ../nbs/50_app.ipynb #7187c391
+def _conversation(messages:list[OpenAIMessage])->tuple[str, str|None, list[dict]]:
+    "(the last user message, the system messages joined, the earlier turns), each bounded and validated"
+    system, turns = [], []
+    for i, m in enumerate(messages):
+        text, where = m.text(), f"messages[{i}] ({m.role})"
+        if m.role in ("tool", "function"): raise BadRequestError(f"{where}: bankllm runs no tools")
+        limit = MAX_ANSWER_CHARS if m.role == "assistant" else MAX_MESSAGE_CHARS
+        if len(text) > limit: raise BadRequestError(f"{where} is longer than {limit} characters")
+        if m.role in ("system", "developer"): system.append(text.strip())
+        elif has_visible_text(text): turns.append({"role": m.role, "content": text})
+    if not any(t["role"] == "user" for t in turns): raise BadRequestError("messages must contain a user message")
+    if turns[-1]["role"] != "user": raise BadRequestError("the last message (after any system messages) must be the user's")
+    try: prompt = _message(turns[-1]["content"])
+    except ValueError as e: raise BadRequestError(f"the last user message {e}") from None
+    for t in turns[:-1] + [{"content": s} for s in system]:
+        if found := [tok for tok in SPECIAL_TOKENS if tok in t["content"]]:
+            raise BadRequestError(f"a message contains reserved chat token(s) {', '.join(found)}")
+    return prompt, "\n\n".join(s for s in system if s) or None, turns[:-1]
+
+# %% ../nbs/50_app.ipynb #64e9ee52
 class ChatCompletionRequest(BaseModel):
     "The body of `POST /v1/chat/completions` (the fields bankllm uses; others are accepted and ignored)"
     model_config = ConfigDict(extra="allow")
@@ -197,22 +219,7 @@ class ChatCompletionRequest(BaseModel):
 
     def conversation(self)->tuple[str, str|None, list[dict]]:
         "(the last user message, the client's system messages joined, the earlier turns), each bounded and validated"
-        system, turns = [], []
-        for i, m in enumerate(self.messages):
-            text, where = m.text(), f"messages[{i}] ({m.role})"
-            if m.role in ("tool", "function"): raise BadRequestError(f"{where}: bankllm runs no tools")
-            limit = MAX_ANSWER_CHARS if m.role == "assistant" else MAX_MESSAGE_CHARS
-            if len(text) > limit: raise BadRequestError(f"{where} is longer than {limit} characters")
-            if m.role in ("system", "developer"): system.append(text.strip())
-            elif has_visible_text(text): turns.append({"role": m.role, "content": text})
-        if not any(t["role"] == "user" for t in turns): raise BadRequestError("messages must contain a user message")
-        if turns[-1]["role"] != "user": raise BadRequestError("the last message (after any system messages) must be the user's")
-        try: prompt = _message(turns[-1]["content"])
-        except ValueError as e: raise BadRequestError(f"the last user message {e}") from None
-        for t in turns[:-1] + [{"content": s} for s in system]:
-            if found := [tok for tok in SPECIAL_TOKENS if tok in t["content"]]:
-                raise BadRequestError(f"a message contains reserved chat token(s) {', '.join(found)}")
-        return prompt, "\n\n".join(s for s in system if s) or None, turns[:-1]
+        return _conversation(self.messages)
 
 # %% ../nbs/50_app.ipynb #fd1586b8
 _RID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -229,6 +236,8 @@ async def _read_body(receive, limit:int)->bytes|None:
         if seen > limit: raise _BodyTooLarge()
         if not msg.get("more_body"): return b"".join(parts)
 
+
+# %% ../nbs/50_app.ipynb #a15bfa61
 class RequestContext:
     "ASGI middleware: request ids, a body-size limit, response counts (a Prometheus `Counter` by `code`), and a JSON 500 for unhandled errors"
     def __init__(self, app, responses:Counter, max_body:int=MAX_BODY_BYTES):
@@ -303,6 +312,8 @@ def _stream_with(pipe:BankingLLMPipeline, adapter:ModelAdapter|None, prompt:str,
     "`pipe.stream` from the active model, or from `adapter`"
     return pipe.stream(prompt, model=adapter, **kw)
 
+
+# %% ../nbs/50_app.ipynb #c5ad5f42
 class ClientDisconnected(Exception):
     "The client closed the connection before its answer was ready"
 
@@ -383,6 +394,8 @@ def _validation_message(errors:list)->tuple[str, str|None]:
     more = f" (and {len(errors)-1} more)" if len(errors) > 1 else ""
     return (f"{param}: {msg}" if param else msg) + more, param
 
+
+# %% ../nbs/50_app.ipynb #e8baf0c2
 def _install_handlers(app:FastAPI):
     @app.exception_handler(RequestValidationError)
     async def _invalid(request:Request, exc:RequestValidationError):
@@ -473,6 +486,8 @@ def _completion(r:PipelineResult, cid:str, created:int)->dict:
 
 def _sse(obj)->str: return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
+
+# %% ../nbs/50_app.ipynb #914b9c93
 async def _sse_stream(s:PipelineStream, first:str|None, it:AsyncIterator, cid:str, created:int,
                       include_usage:bool, secrets_:tuple)->AsyncIterator[str]:
     "OpenAI chat.completion.chunk events: role, deltas, finish reason, optional usage, then [DONE]"
@@ -498,35 +513,6 @@ async def _sse_stream(s:PipelineStream, first:str|None, it:AsyncIterator, cid:st
         await it.aclose()
         await s.aclose()
     yield "data: [DONE]\n\n"
-
-# %% ../nbs/50_app.ipynb #465c10d9
-def create_app(pipeline:BankingLLMPipeline|None=None, # default: built from `config` at start-up
-               config:Settings|None=None,             # default: the pipeline's, else `get_config()`
-               drain_timeout_s:float=30.0,            # on shutdown, wait this long for benchmark rounds
-              )->FastAPI:
-    "The bankllm HTTP API around `pipeline`"
-    config = config or (pipeline.config if pipeline is not None else get_config())
-    state = _State(pipeline, config)
-
-    @asynccontextmanager
-    async def lifespan(app:FastAPI):
-        install_redaction(_secret_values(config))  # again: uvicorn has set up its loggers by now
-        await state.ensure()
-        log.info("bankllm app ready: active model %s%s", state.pipeline.active_version,
-                 f" (not loaded: {state.load_error})" if state.load_error else "")
-        try: yield
-        finally:
-            if state.pipeline is not None: await state.pipeline.drain(timeout=drain_timeout_s)
-            if state.store is not None: await state.store.close(); state.store = None
-
-    app = FastAPIOffline(title="bankllm", version=PIPELINE_VERSION, lifespan=lifespan,  # /docs without a CDN
-                         description="A retail-banking assistant: chat, OpenAI-compatible completions, benchmark, model switching.")
-    app.state.bankllm = state
-    install_redaction(_secret_values(config))
-    _install_handlers(app)
-    app.add_middleware(RequestContext, responses=http_responses_counter(state.registry))
-    for router in ROUTERS: app.include_router(router)
-    return app
 
 # %% ../nbs/50_app.ipynb #c16c9d46
 Pipe = Annotated[BankingLLMPipeline, Depends(_pipe)]
@@ -647,6 +633,35 @@ async def metrics(pipe:Pipe, state:State):
     return PlainTextResponse(metrics_text(pipe.metrics.registry, state.registry), media_type=METRICS_CONTENT_TYPE)
 
 ROUTERS = (chat_router, openai_router, benchmark_router, admin_router, operations_router)
+
+# %% ../nbs/50_app.ipynb #465c10d9
+def create_app(pipeline:BankingLLMPipeline|None=None, # default: built from `config` at start-up
+               config:Settings|None=None,             # default: the pipeline's, else `get_config()`
+               drain_timeout_s:float=30.0,            # on shutdown, wait this long for benchmark rounds
+              )->FastAPI:
+    "The bankllm HTTP API around `pipeline`"
+    config = config or (pipeline.config if pipeline is not None else get_config())
+    state = _State(pipeline, config)
+
+    @asynccontextmanager
+    async def lifespan(app:FastAPI):
+        install_redaction(_secret_values(config))  # again: uvicorn has set up its loggers by now
+        await state.ensure()
+        log.info("bankllm app ready: active model %s%s", state.pipeline.active_version,
+                 f" (not loaded: {state.load_error})" if state.load_error else "")
+        try: yield
+        finally:
+            if state.pipeline is not None: await state.pipeline.drain(timeout=drain_timeout_s)
+            if state.store is not None: await state.store.close(); state.store = None
+
+    app = FastAPIOffline(title="bankllm", version=PIPELINE_VERSION, lifespan=lifespan,  # /docs without a CDN
+                         description="A retail-banking assistant: chat, OpenAI-compatible completions, benchmark, model switching.")
+    app.state.bankllm = state
+    install_redaction(_secret_values(config))
+    _install_handlers(app)
+    app.add_middleware(RequestContext, responses=http_responses_counter(state.registry))
+    for router in ROUTERS: app.include_router(router)
+    return app
 
 # %% ../nbs/50_app.ipynb #53ae121f
 async def api_overhead(n:int=1000,    # timed requests per path (≥ 1000 for a real p99)
