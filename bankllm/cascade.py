@@ -147,7 +147,7 @@ def _failed(self:CascadeAdapter, a:ModelAdapter, e:BaseException, threshold, tri
     tried.append(_stage_row(a, threshold, reason=reason, error=(getattr(e, "message", None) or str(e) or type(e).__name__)[:300]))
     return reason
 
-# %% ../nbs/32_cascade.ipynb #a4ce02bc
+# %% ../nbs/32_cascade.ipynb #f61458f0
 @patch
 def _answer(self:CascadeAdapter, r, i:int, tried:list[dict])->Generation:
     "The accepted answer `r` of stage `i`, with the cascade's cost (the sum) and its record of the stages tried"
@@ -185,7 +185,8 @@ async def _stream(self:CascadeAdapter, prompt, max_tokens, temperature, **kw):
         try:
             async for d in src: sent = True; yield d
         except Exception as e:  # before the first token the answer an earlier stage passed on still stands
-            if sent or kept is None or self._failed(a, e, thr, tried) is None: raise
+            if sent or self._failed(a, e, thr, tried) is None: raise
+            if kept is None: break
             yield kept[0].text; yield self._answer(*kept, tried); return
         finally: await src.aclose()  # a caller that stops early frees the stage's slot at once
         r = a.last_stream_result  # set by the stage just before its stream ended: no await since
@@ -193,7 +194,7 @@ async def _stream(self:CascadeAdapter, prompt, max_tokens, temperature, **kw):
         tried.append(_stage_row(a, thr, r))
         yield self._answer(r, i, tried); return
     if kept is None: raise ModelUnavailableError("cascade: no stage could answer (" + "; ".join(
-        f"{t['model']}: {t['escalated']}" for t in tried) + ")")
+        f"{t['model']}: {t['escalated']}" + (f" ({t['error'][:100]})" if t["error"] else "") for t in tried) + ")")
     yield kept[0].text; yield self._answer(*kept, tried)
 
 # %% ../nbs/32_cascade.ipynb #00dde6af

@@ -156,6 +156,27 @@ async def test_a_stream_buffers_the_cheap_stage_and_streams_the_last(judge, bank
     c2 = cascade(Scripted("cheap", banking_answer, 0.9), judge=judge)
     assert [d async for d in c2.stream(Q, max_tokens=16)] == [banking_answer]  # accepted: one piece, after the judge
 
+# --- in the pipeline: fallbacks after the cascade, streaming through it ---------------------------------------------
+
+async def test_the_pipeline_falls_back_when_no_stage_can_answer(tmp_path, judge):
+    ModelFactory.register("echo", EchoAdapter)
+    try:
+        down = ModelUnavailableError("down")
+        c = cascade(Scripted("cheap", fail_with=down), Scripted("dear", fail_with=down), judge=judge)
+        pipe = BankingLLMPipeline(get_config(fallbacks="echo", benchmark_log=tmp_path/"b.jsonl", enable_benchmarking=False), model=c)
+        r = await pipe.generate(Q, max_tokens=16)
+        assert r.model_version == "echo" and r.fallbacks[0]["model"] == "cascade" and r.fallbacks[0]["reason"] == "unavailable"
+        assert "cheap: unavailable" in r.fallbacks[0]["error"] and r.cascade is None
+    finally: ModelFactory.REGISTRY.pop("echo", None)
+
+async def test_the_pipeline_streams_through_the_cascade(tmp_path, judge):
+    c = cascade(Scripted("cheap", "Maybe.", 0.2), Scripted("dear", "Call {{Customer Support Phone Number}} today.", 0.9), judge=judge)
+    pipe = BankingLLMPipeline(get_config(benchmark_log=tmp_path/"b.jsonl", enable_benchmarking=False), model=c)
+    s = pipe.stream(Q, max_tokens=16)
+    text = "".join([d async for d in s])
+    assert text == "Call +1 555 0100 today." and s.result.cascade["answered_by"] == "dear"  # placeholders filled as for any model
+    assert s.result.model_version == "cascade" and pipe.get_metrics()["models"]["cascade"]["requests"] == 1
+
 # --- settings and start-up ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec,says", [("custom", "at least two"), ("custom:0.5,qlora:0.5", "give it no threshold"),
