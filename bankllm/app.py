@@ -482,7 +482,7 @@ def _completion(r:PipelineResult, cid:str, created:int)->dict:
             "bankllm": {"request_number": r.request_number, "conversation_id": r.conversation_id,
                         "latency_ms": r.latency_ms, "ttft_ms": r.ttft_ms, "confidence": r.confidence,
                         "device": r.device, "pipeline_version": r.pipeline_version, "turns_dropped": r.turns_dropped,
-                        "fallbacks": r.fallbacks}}
+                        "fallbacks": r.fallbacks, "cascade": r.cascade}}
 
 def _sse(obj)->str: return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 

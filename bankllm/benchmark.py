@@ -75,7 +75,8 @@ def _empty_record(name:str)->dict:
     return dict(model_version=v, family=v.partition("_")[0], status="ok", reason=None, device=None,
                 **latency_stats([]), errors=0, ttft_p50_ms=None, tokens_per_s=None, tokens_mean=None,
                 topic_accuracy=None, rouge_l=None, **{m: None for m in QUALITY_MEASURES}, credential_asks=None,
-                quality_n=0, quality_reason=None, cost_round_usd=None, cost_per_1k_usd=None, latencies_ms=[], sweep=[])
+                quality_n=0, quality_reason=None, cost_round_usd=None, cost_per_1k_usd=None, stage_answers=None,
+                latencies_ms=[], sweep=[])
 
 async def _resolve_model(model, config)->ModelAdapter:
     "The adapter for `model`, healthy and loaded; `ModelUnavailableError` with the reason otherwise"
@@ -91,12 +92,13 @@ async def _timed(adapter:ModelAdapter, question:str, suite:BenchmarkSuite, histo
     kw = {"history": list(history)} if len(history) else {}
     try: r = await adapter.generate(question, max_tokens=suite.max_tokens, temperature=suite.temperature, **kw)
     except Exception as e: return dict(latency_ms=None, ttft_ms=None, tokens=None, text="", error=f"{type(e).__name__}: {e}", cost=0.0,
-                                        finish_reason=None, confidence=None)
+                                        finish_reason=None, confidence=None, stage=None)
     return dict(latency_ms=r.latency_ms, ttft_ms=r.ttft_ms, tokens=r.tokens, text=r.text, error=None, cost=r.cost,
-                finish_reason=r.finish_reason, confidence=r.confidence)
+                finish_reason=r.finish_reason, confidence=r.confidence,
+                stage=r.cascade["answered_by"] if r.cascade else None)  # a cascade: the stage that answered
 
 COMPARE_COLUMNS = ["q", "question", "earlier_turn", "set", "intent", "model", "answer", "topic", "correct", "rouge_l",
-                   "credential_ask", "confidence", "latency_ms", "tokens", "cost", "error"]
+                   "credential_ask", "confidence", "latency_ms", "tokens", "cost", "answered_by", "error"]
 
 def _answer_rows(name:str, qs:pd.DataFrame, outs:list[dict], clf:IntentClassifier)->pd.DataFrame:
     "One scored row per answer of model `name` to the questions `qs` (`q` numbers them); ROUGE-L only where a Bitext reference exists"
@@ -111,7 +113,8 @@ def _answer_rows(name:str, qs:pd.DataFrame, outs:list[dict], clf:IntentClassifie
                              model=name, answer=r.answer, topic=r.predicted_intent, correct=r.correct,
                              rouge_l=r.rouge_l.where(sets.isin(["bitext"]) | sets.isna()), credential_ask=r.credential_ask,
                              confidence=r.confidence, latency_ms=r.latency_ms, tokens=r.tokens,
-                             cost=[o.get("cost") for o in outs], error=r.error))[COMPARE_COLUMNS]
+                             cost=[o.get("cost") for o in outs], answered_by=[o.get("stage") for o in outs],
+                             error=r.error))[COMPARE_COLUMNS]
 
 def _quality(rec:dict, dev:pd.DataFrame, outs:list[dict], clf:IntentClassifier|None, keep:bool=False):
     "Quality of the dev answers, into `rec`: Bitext topic accuracy and ROUGE-L, each other set's measure, credential asks"
@@ -171,6 +174,8 @@ async def benchmark_model(model:str|ModelAdapter,         # registry name, versi
                tokens_mean=sum(o["tokens"] or 0 for o in ok)/len(ok) if ok else None,
                cost_round_usd=sum(o["cost"] for o in ok),  # the answered requests, at the model's price (USD)
                cost_per_1k_usd=1000*sum(o["cost"] for o in ok)/len(ok) if ok else None)
+    if stages := [o["stage"] for o in ok if o.get("stage")]:  # a cascade: how many answers each stage gave
+        rec["stage_answers"] = {s: stages.count(s) for s in dict.fromkeys(stages)}
     if rec["errors"]: rec.update(status="error", reason=next(o["error"] for o in outs if o["error"]))
     if ok and not dev.empty: await asyncio.to_thread(_quality, rec, dev, outs[len(suite.prompts):len(questions)], clf, keep_answers)
     if suite.concurrency and ok: rec["sweep"] = await concurrency_sweep(adapter, suite)
@@ -223,21 +228,29 @@ def recommend(df:pd.DataFrame)->dict:
                 best_topic_accuracy=None if best is None else float(best.topic_accuracy),
                 best_rouge_l=None if best is None else float(best.rouge_l))
 
+def _shares(counts:dict|None)->dict|None:
+    "Each stage's share of a cascade's answers"
+    return {s: k/sum(counts.values()) for s, k in counts.items()} if counts else None
+
 def format_table(df:pd.DataFrame)->str:
     "The comparison table in plain text, with honest tail labels, both quality numbers and the recommendation"
     head = f"{'Model':<34}{'Status':<12}{'n':>5}{'Avg ms':>10}{'P50 ms':>10}{'P95 ms':>10}{'Tail ms':>14}" \
-           f"{'TTFT ms':>10}{'Tok/s':>10}{'Topic':>7}{'ROUGE-L':>9}{'Real':>6}{'Scope':>7}{'Follow':>8}{'Err':>5}"
+           f"{'TTFT ms':>10}{'Tok/s':>10}{'Topic':>7}{'ROUGE-L':>9}{'Real':>6}{'Scope':>7}{'Follow':>8}{'$/1k':>9}{'Err':>5}"
     lines = ["Model Performance Comparison", "="*len(head), head, "-"*len(head)]
     for r in df.to_dict("records"):
         tail = f"{_fmt(r['latency_tail_ms'])} ({r['tail_label']})" if r["n"] else "–"
         lines.append(f"{r['model_version'][:33]:<34}{r['status']:<12}{r['n']:>5}{_fmt(r['latency_mean_ms']):>10}"
                      f"{_fmt(r['latency_p50_ms']):>10}{_fmt(r['latency_p95_ms']):>10}{tail:>14}{_fmt(r['ttft_p50_ms']):>10}"
                      f"{_fmt(r['tokens_per_s'], '.0f'):>10}{_fmt(r['topic_accuracy'], '.2f'):>7}{_fmt(r['rouge_l'], '.2f'):>9}"
-                     f"{_fmt(r.get('real_topic'), '.2f'):>6}{_fmt(r.get('scope_honesty'), '.2f'):>7}{_fmt(r.get('follow_up'), '.2f'):>8}{r['errors']:>5}")
+                     f"{_fmt(r.get('real_topic'), '.2f'):>6}{_fmt(r.get('scope_honesty'), '.2f'):>7}{_fmt(r.get('follow_up'), '.2f'):>8}{_fmt(r.get('cost_per_1k_usd'), '.3g'):>9}{r['errors']:>5}")
     lines.append("-"*len(head))
-    lines.append(f"Tail: p99 from ≥{P99_MIN_SAMPLES} samples, otherwise (max). " + _quality_note(df))
+    lines.append(f"Tail: p99 from ≥{P99_MIN_SAMPLES} samples, otherwise (max). " + _quality_note(df)
+                 + " $/1k: cost per 1,000 requests in USD, at the prices in the settings (BANKLLM_PRICES over the defaults).")
     if (asks := df.get("credential_asks")) is not None and asks.fillna(0).sum():
         lines.append(f"Credential asks (answers asking for a PIN, password or card number): {int(asks.fillna(0).sum())}")
+    for r in df.to_dict("records"):
+        if shares := _shares(r.get("stage_answers")):
+            lines.append(f"{r['model_version']} answered by: " + ", ".join(f"{s} {x:.0%}" for s, x in shares.items()))
     for r in df[df.status != "ok"].to_dict("records"): lines.append(f"{r['model_version']}: {r['status']}: {r['reason']}")
     rec = recommend(df)
     if rec["fastest_model"]:
@@ -254,7 +267,7 @@ def summarize_rounds(rounds:Sequence[Mapping], # round records, as the pipeline 
     per: dict[str, dict] = {}
     for rd in rounds:
         for m in rd.get("models", []):
-            p = per.setdefault(m["model_version"], dict(lat=[], tok=0, secs=0.0, q=[], rl=[], rounds=0, errors=0, asks=0, usd=0.0,
+            p = per.setdefault(m["model_version"], dict(lat=[], tok=0, secs=0.0, q=[], rl=[], rounds=0, errors=0, asks=0, usd=0.0, stages={},
                                                          family=m.get("family"), status=None, reason=None,
                                                          **{k: [] for k in QUALITY_MEASURES}))
             p.update(status=m["status"], reason=m.get("reason"))
@@ -262,6 +275,7 @@ def summarize_rounds(rounds:Sequence[Mapping], # round records, as the pipeline 
             lat = m.get("latencies_ms") or []
             p["lat"] += lat; p["secs"] += sum(lat)/1000; p["tok"] += (m.get("tokens_mean") or 0)*len(lat)
             p["usd"] += m.get("cost_round_usd") or 0.0
+            for s, k in (m.get("stage_answers") or {}).items(): p["stages"][s] = p["stages"].get(s, 0) + k
             if m.get("quality_n"):
                 p["q"].append((m["topic_accuracy"], m["quality_n"])); p["rl"].append((m["rouge_l"], m["quality_n"]))
                 p["asks"] += m.get("credential_asks") or 0
@@ -280,7 +294,8 @@ def summarize_rounds(rounds:Sequence[Mapping], # round records, as the pipeline 
                          topic_accuracy=pooled(p["q"]), rouge_l=pooled(p["rl"]),
                          **{k: pooled(p[k]) for k in QUALITY_MEASURES}, credential_asks=p["asks"] if qn else None,
                          quality_n=qn, cost_usd=p["usd"], cost_per_round_usd=p["usd"]/p["rounds"],
-                         cost_per_1k_usd=1000*p["usd"]/len(p["lat"]) if p["lat"] else None))
+                         cost_per_1k_usd=1000*p["usd"]/len(p["lat"]) if p["lat"] else None,
+                         stage_answers=p["stages"] or None, stage_share=_shares(p["stages"])))
     df = pd.DataFrame(rows) if rows else None
     return dict(rounds=len(rounds),
                 triggers=sum(r.get("triggers", 0) for r in rounds),
@@ -328,12 +343,15 @@ _PAGE_STYLE = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em 
                "vertical-align:top;text-align:left}td.answer{white-space:pre-wrap}tr.ok td.mark{background:#e3f6e3}"
                "tr.wrong td.mark{background:#fbe3e3}.meta{color:#555}")
 
+def _via(stage)->str:
+    "For a cascade's row: the stage that answered"
+    return f'<br><span class="meta">answered by {_cell(stage)}</span>' if isinstance(stage, str) and stage else ""
 def _question_table(g:pd.DataFrame)->str:
     "One question's table: the models side by side, right and wrong marked"
     first, rows = g.iloc[0], []
     for r in g.itertuples():
         mark = "✓ right" if r.correct else "✗ wrong"
-        rows.append(f'<tr class="{"ok" if r.correct else "wrong"}"><td>{_cell(r.model)}</td>'
+        rows.append(f'<tr class="{"ok" if r.correct else "wrong"}"><td>{_cell(r.model)}{_via(r.answered_by)}</td>'
                     f'<td class="answer">{_cell(r.answer) or "<em>" + _cell(r.error) + "</em>"}</td>'
                     f'<td>{_cell(r.topic)}</td><td class="mark">{mark}</td><td>{_cell(r.rouge_l, ".2f")}</td>'
                     f'<td>{_cell(r.confidence, ".2f")}</td><td>{_cell(r.latency_ms, ".0f")}</td>'
@@ -407,11 +425,11 @@ def plot_quality_cost(df:pd.DataFrame, # from `results_frame` (or the summary's 
     return ax.figure
 
 def save_figures(df:pd.DataFrame, out_dir:str|Path, prefix:str="benchmark_")->list[Path]:
-    "Both figures as PNG files in `out_dir`"
+    "The three figures (latency, quality against latency, quality against cost) as PNG files in `out_dir`"
     import matplotlib.pyplot as plt
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, make in [("latency", plot_latency), ("quality_latency", plot_quality_latency)]:
+    for name, make in [("latency", plot_latency), ("quality_latency", plot_quality_latency), ("quality_cost", plot_quality_cost)]:
         fig = make(df); p = out_dir/f"{prefix}{name}.png"
         fig.savefig(p, dpi=110, metadata={"Software": None}); plt.close(fig); paths.append(p)
     return paths

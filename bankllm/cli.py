@@ -67,7 +67,7 @@ def build_parser()->argparse.ArgumentParser:
     _env(s)
     b = sub.add_parser("bench", help="benchmark models side by side", formatter_class=P,
                        description="Benchmark models: latency percentiles, TTFT, tokens/s, topic accuracy, ROUGE-L; "
-                                   "prints the table and writes benchmark.jsonl, two PNG figures and compare.html (every answer side by side).",
+                                   "prints the table and writes benchmark.jsonl, three PNG figures and compare.html (every answer side by side).",
                        epilog="examples:\n  bankllm bench --models custom gemini --n 40 --out benchmarks/\n"
                               "  bankllm bench --kv-cache --max-tokens 256 --runs 3")
     b.add_argument("--models", nargs="+", metavar="NAME", help="families or version strings (default: every registered family)")

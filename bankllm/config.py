@@ -6,7 +6,7 @@ Docs: https://bankllm.github.io/bankllm/config.html.md"""
 
 # %% auto #0
 __all__ = ['DEFAULT_BANK_PROFILE', 'ARTIFACT_NAME', 'DEFAULT_PRICES', 'THINKING_LEVELS', 'valid_name', 'artifact_dirs',
-           'named_artifacts', 'Price', 'Settings', 'get_config', 'record_path']
+           'named_artifacts', 'Price', 'parse_cascade', 'Settings', 'get_config', 'record_path']
 
 # %% ../nbs/00_config.ipynb #c59ded26
 import os, re
@@ -79,6 +79,30 @@ DEFAULT_PRICES = {  # ASSUMPTIONS, to be checked and set with BANKLLM_PRICES (se
     "qlora": Price(per_hour=1.00),   # assumed: one entry-level cloud GPU, order of magnitude
 }
 
+# %% ../nbs/00_config.ipynb #1c53b6d8
+def parse_cascade(spec:str|Sequence,  # "custom:0.55,qlora:0.6,gemini", or (model, threshold) pairs
+                 )->list[tuple[str, float|None]]:  # the stages in order; the last one's threshold is None
+    "The stages of `BANKLLM_CASCADE`: (model, threshold) pairs, checked; `ValueError` says what is wrong"
+    items = [x.strip() for x in spec.split(",") if x.strip()] if isinstance(spec, str) else list(spec)
+    if not items: return []
+    stages = []
+    for it in items:
+        name, _, thr = it.partition(":") if isinstance(it, str) else (it[0], None, it[1])
+        name = str(name).strip()
+        if not valid_name(name): raise ValueError(f"BANKLLM_CASCADE: {name[:40]!r} is not a model version")
+        if name.partition("_")[0] == "cascade": raise ValueError("BANKLLM_CASCADE: a cascade cannot contain a cascade")
+        try: t = None if thr in (None, "") else float(thr)
+        except ValueError: raise ValueError(f"BANKLLM_CASCADE: the threshold of {name} must be a number, got {thr!r}") from None
+        if t is not None and not 0 <= t <= 1: raise ValueError(f"BANKLLM_CASCADE: the threshold of {name} is a confidence, from 0 to 1, got {t}")
+        stages.append((name, t))
+    if len(stages) < 2: raise ValueError("BANKLLM_CASCADE needs at least two models, e.g. custom:0.55,qlora")
+    if len({n for n, _ in stages}) < len(stages): raise ValueError("BANKLLM_CASCADE names a model twice")
+    if missing := [n for n, t in stages[:-1] if t is None]:
+        raise ValueError(f"BANKLLM_CASCADE: {', '.join(missing)} needs a threshold (model:0.55): only the last model has none")
+    if stages[-1][1] is not None:
+        raise ValueError(f"BANKLLM_CASCADE: the last model ({stages[-1][0]}) answers whatever its confidence: give it no threshold")
+    return stages
+
 # %% ../nbs/00_config.ipynb #02878e1a
 THINKING_LEVELS = ("auto", "minimal", "low", "medium", "high")  # BANKLLM_GEMINI_THINKING; auto: the least each model allows
 
@@ -146,6 +170,8 @@ class Settings(BaseSettings):
     fallbacks: Annotated[list[str], NoDecode] = []  # models that answer, in order, when the active one cannot (comma-separated)
     cooldown_failures: int = Field(3, ge=1)          # consecutive failures that take a model out of rotation
     cooldown_s: float = Field(30.0, ge=0)            # for this long (the circuit breaker's open state)
+    cascade: Annotated[list[tuple[str, float|None]], NoDecode] = []  # model:threshold,...,last: cheap first (`parse_cascade`)
+    cascade_handoff: bool = True        # a stage's scope hand-off passes the question on (the measured price: 32_cascade)
     # what answers cost (operator settings: no client can set them)
     prices: dict[str, Price] = {}       # JSON object: version, Gemini model or family -> Price fields, over `DEFAULT_PRICES`
 
@@ -170,6 +196,10 @@ class Settings(BaseSettings):
     def _thinking(cls, v):
         if isinstance(v, str) and v.strip().lower() in THINKING_LEVELS: return v.strip().lower()
         raise ValueError(f"BANKLLM_GEMINI_THINKING must be one of {', '.join(THINKING_LEVELS)}, got {v!r}")
+
+    @field_validator("cascade", mode="before")
+    @classmethod
+    def _cascade(cls, v): return parse_cascade(v)
 
     @field_validator("models", "fallbacks")
     @classmethod

@@ -68,6 +68,7 @@ class ModelFactory:
         "custom": "bankllm.adapters.custom:CustomAdapter",
         "qlora": "bankllm.adapters.qlora:QLoRAAdapter",
         "gemini": "bankllm.adapters.gemini:GeminiAdapter",
+        "cascade": "bankllm.cascade:CascadeAdapter",  # routes between the others (`BANKLLM_CASCADE`, 32_cascade)
     }
     _instances: dict[str, ModelAdapter] = {}            # version string -> adapter (aliases share one)
     _by_key: OrderedDict[str, ModelAdapter] = OrderedDict()  # artifact key -> adapter, least recently used first

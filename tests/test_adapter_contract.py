@@ -27,10 +27,18 @@ def _gemini(family):
 
 ADAPTER_BUILDERS["gemini"] = _gemini
 
+
+def _cascade(family):
+    "A cascade of two test backends: the first one's answers are sure enough (echo confidence ~0.8) unless they are long"
+    from bankllm.config import get_config
+    return ModelFactory.create(family, get_config(cascade=f"{TEST_FAMILY}_a:0.5,{TEST_FAMILY}_b"))
+
+ADAPTER_BUILDERS["cascade"] = _cascade
+
 FAMILIES = sorted({*ModelFactory.REGISTRY, TEST_FAMILY})
 PROMPT = "I still have not received my new card, what should I do?"
 RESULT_KEYS = {"text", "latency_ms", "tokens", "prompt_tokens", "ttft_ms", "finish_reason", "confidence",
-               "model_version", "device", "thinking_tokens", "turns_dropped", "cost"}
+               "model_version", "device", "thinking_tokens", "turns_dropped", "cost", "cascade"}
 
 
 @pytest.fixture(params=FAMILIES)

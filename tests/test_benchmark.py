@@ -44,7 +44,7 @@ async def test_run_benchmark_writes_jsonl_and_pngs(tmp_path, capsys):
     df = await run_benchmark([EchoAdapter(), "nosuch_1.0.0"], BenchmarkSuite(n_dev=3, concurrency=(1, 4)), out_dir=tmp_path)
     assert list(df.status) == ["ok", "unavailable"] and df.attrs["machine"]["cpus"]
     assert [r["model_version"] for r in read_jsonl(tmp_path/"benchmark.jsonl")] == ["echo", "nosuch_1.0.0"]
-    for name in ["benchmark_latency.png", "benchmark_quality_latency.png"]:
+    for name in ["benchmark_latency.png", "benchmark_quality_latency.png", "benchmark_quality_cost.png"]:
         assert (tmp_path/name).read_bytes()[:4] == b"\x89PNG"
     assert len(df.sweep[0]) == 2 and "Model Performance Comparison" in capsys.readouterr().out
 

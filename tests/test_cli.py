@@ -57,7 +57,7 @@ def test_bench(tmp_path, capsys):
     assert main(["bench", "--models", "custom-test", "--n", "0", "--concurrency", "1,2", "--max-tokens", "8", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Model Performance Comparison" in out and "custom-test" in out and "wrote to" in out
-    assert {p.name for p in tmp_path.iterdir()} == {"benchmark.jsonl", "benchmark_latency.png", "benchmark_quality_latency.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"benchmark.jsonl", "benchmark_latency.png", "benchmark_quality_latency.png", "benchmark_quality_cost.png"}
     (rec,) = [json.loads(l) for l in (tmp_path/"benchmark.jsonl").read_text().splitlines()]
     assert rec["model_version"] == "custom-test" and rec["status"] == "ok" and [s["concurrency"] for s in rec["sweep"]] == [1, 2]
 

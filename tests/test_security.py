@@ -506,3 +506,14 @@ def test_v1_history_is_bounded(tmp_path):
         assert httpx.post(url, json={"messages": [{"role": "user", "content": "x" * 4001}, u]}).status_code == 400
         big = [{"role": "assistant", "content": "y" * 15_000}, u] * 80                                 # > 1 MB body
         assert httpx.post(url, json={"messages": big}).status_code == 413
+
+
+@pytest.mark.parametrize("name", ["cascade_custom:0.1,qlora", "cascade:custom:0.0,gemini", "cascade_custom-0.0_qlora"])
+def test_a_client_names_the_cascade_but_never_describes_one(tmp_path, name):
+    "The stages and thresholds come from BANKLLM_CASCADE only: a spec sent as a model name is a 404, and no stage is built"
+    with serve(tmp_path) as srv:
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=oa(name), timeout=30)
+        plain = httpx.post(f"{srv.url}/v1/chat/completions", json=oa("cascade"), timeout=30)
+    assert r.status_code == 404 and err(r)["code"] == "model_not_found", r.text
+    assert plain.status_code == 404 and "set BANKLLM_CASCADE" in err(plain)["message"], plain.text  # none configured
+    assert not any(a.family in ("custom", "qlora", "gemini") for a in ModelFactory.loaded())

@@ -68,6 +68,8 @@ class Generation:
     ttft_ms: float|None = None       # set by backends that measure it better than the base class can
     thinking_tokens: int|None = None # tokens spent thinking before the answer (billed, not in `text`); None: not reported
     turns_dropped: int = 0           # earlier turns left out so the conversation fits the context window
+    cost: float|None = None          # USD, where the backend knows it better than its price (a cascade: the sum of its stages)
+    cascade: dict|None = None        # a cascade's answer: the stage that answered and every stage tried (`bankllm.cascade`)
 
 @dataclass
 class GenerationResult(Mapping):
@@ -84,6 +86,7 @@ class GenerationResult(Mapping):
     thinking_tokens: int|None = None  # thinking models: tokens of thought behind the answer (billed as output)
     turns_dropped: int = 0            # earlier turns of the conversation left out to fit the context window
     cost: float = 0.0                 # USD, at the model's price in the settings (`Settings.price_for`)
+    cascade: dict|None = None         # a cascade's answer: which stage answered, every stage tried and why it escalated
     def __getitem__(self, k): 
         if k not in self._keys(): raise KeyError(k)
         return getattr(self, k)
@@ -352,12 +355,12 @@ def price(self:ModelAdapter)->Price:
 
 @patch
 def _result(self:ModelAdapter, g:Generation, latency_ms, ttft_ms)->GenerationResult:
-    cost = self.price().cost(g.prompt_tokens, g.tokens, g.thinking_tokens, latency_ms)
+    cost = self.price().cost(g.prompt_tokens, g.tokens, g.thinking_tokens, latency_ms) if g.cost is None else g.cost
     self.counters.ok(latency_ms, g.tokens, g.prompt_tokens, ttft_ms, g.thinking_tokens, cost)
     return GenerationResult(text=g.text, latency_ms=latency_ms, tokens=g.tokens, prompt_tokens=g.prompt_tokens,
                             ttft_ms=ttft_ms, finish_reason=g.finish_reason, confidence=g.confidence,
                             model_version=self.version, device=self.device, thinking_tokens=g.thinking_tokens,
-                            turns_dropped=g.turns_dropped, cost=cost)
+                            turns_dropped=g.turns_dropped, cost=cost, cascade=g.cascade)
 
 @patch
 def _retry_after_s(self:ModelAdapter)->float:
