@@ -36,7 +36,7 @@ from .benchmark import paired_latency
 from .config import Settings, get_config
 from .conversations import ConversationStore, new_conversation_id, open_store, valid_conversation_id
 from .data import SPECIAL_TOKENS
-from .factory import DEFAULT_VERSIONS, ModelFactory, UnknownModelError, parse_version
+from .factory import ModelFactory, UnknownModelError, parse_version
 from .pipeline import PIPELINE_VERSION, BankingLLMPipeline, PipelineResult, PipelineStream
 from .records import to_jsonable
 from .testing import EchoAdapter
@@ -441,7 +441,7 @@ def _creatable(name:str, config:Settings)->bool:
 async def _models_status(pipe:BankingLLMPipeline, timeout:float=10.0)->list[dict]:
     "Every registered family (and the active model): version, active, available, reason"
     active = pipe.model
-    names = [DEFAULT_VERSIONS.get(f, f) for f in ModelFactory.available()]
+    names = ModelFactory.default_versions(pipe.config)
     fam = parse_version(active.version).family
     fallbacks = [ModelFactory.create(n, pipe.config).version for n in pipe.fallbacks if _creatable(n, pipe.config)]
     names = [active.version] + [n for n in names if parse_version(n).family != fam] + fallbacks
@@ -547,8 +547,8 @@ openai_router = APIRouter(tags=["openai"])
 @openai_router.get("/v1/models")
 async def openai_models(pipe:Pipe, state:State)->dict:
     "The OpenAI model list: the active model first, each registered family's default version, then the other known versions"
-    families = set(ModelFactory.available())
-    names = dict.fromkeys([pipe.active_version] + [DEFAULT_VERSIONS.get(f, f) for f in ModelFactory.available()]
+    families = set(ModelFactory.offered(pipe.config))
+    names = dict.fromkeys([pipe.active_version] + ModelFactory.default_versions(pipe.config)
                           + [v for v in ModelFactory.known_versions(pipe.config) if v not in families])
     return {"object": "list", "data": [{"id": n, "object": "model", "created": int(state.started), "owned_by": "bankllm"}
                                        for n in names]}

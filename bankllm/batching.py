@@ -21,16 +21,33 @@ from .transformer import BankingLLM, DecodeWeights, KVCache, next_token
 
 # %% ../nbs/03b_batching.ipynb #09bbed92
 @patch
-def row(self:KVCache, i:int)->KVCache:
-    "A batch-size-1 `KVCache` whose tensors are views of row `i` of this one: `forward(ids, cache=c.row(i))` fills that row"
+def rows(self:KVCache, first:int, n:int=1)->KVCache:
+    "A `KVCache` whose tensors are views of rows first..first+n-1 of this one: `forward(ids, cache=c.rows(b))` fills row b"
     c = KVCache.__new__(KVCache)
-    c.k, c.v, c.length = [k[i:i+1] for k in self.k], [v[i:i+1] for v in self.v], 0
+    c.k, c.v, c.length = [k[first:first+n] for k in self.k], [v[first:first+n] for v in self.v], 0
     return c
 
 @patch
 def move_row(self:KVCache, src:int, dst:int, length:int):
     "Copy positions 0..length-1 of row `src` into row `dst` (keeps the live rows of a batch packed at the top)"
     for t in self.k + self.v: t[dst, :, :length] = t[src, :, :length]
+
+# %% ../nbs/03b_batching.ipynb #b2c3d4e5
+@patch
+def prefill_rows(self:BankingLLM,
+                 prompts:list[list[int]],  # token ids, one list per sequence; lengths may differ
+                 cache:KVCache,            # rows first..first+len(prompts)-1 are filled from position 0
+                 first:int=0,
+                )->torch.Tensor:           # (n, V) float32: each prompt's next-token logits
+    "Prefill several prompts in one forward pass, right-padded; each row's logits are read at its own last token"
+    n, T, dev = len(prompts), max(map(len, prompts)), self.rope_cos.device
+    if T > self.config.block_size: raise ValueError(f"a prompt of {T} tokens does not fit block_size={self.config.block_size}")
+    ids = torch.zeros(n, T, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts): ids[i, :len(p)] = torch.as_tensor(p, device=dev)
+    x, part = self.tok_embeddings(ids), cache.rows(first, n)
+    for layer in self.layers: x = layer(x, self.rope_cos[:T], self.rope_sin[:T], part, 0)  # causal: is_causal in SDPA
+    last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+    return self.lm_head(self.norm(x[torch.arange(n, device=dev), last])).float()
 
 # %% ../nbs/03b_batching.ipynb #447518c2
 def _inv_rms_rows(x:torch.Tensor,      # (B, C) one row per sequence
@@ -133,8 +150,9 @@ class BatchScheduler:
     "One thread owns the model; requests join the running batch at the next step and leave when done"
     def __init__(self, model:BankingLLM,
                  max_batch:int=16,       # sequences decoded together; more wait in line
-                 name:str="bankllm-batch"):
-        self.model, self.max_batch, self.name = model, max_batch, name
+                 name:str="bankllm-batch",
+                 threads:int|None=None): # torch CPU threads of the scheduler's thread (None: as torch starts it)
+        self.model, self.max_batch, self.name, self.threads = model, max_batch, name, threads
         self._cv = threading.Condition()
         self._pending: deque[SeqRequest] = deque()
         self.active: list[SeqRequest] = []   # row b of the cache holds active[b]
@@ -159,6 +177,7 @@ class BatchScheduler:
         "Occupancy and counts, for metrics: `mean_batch` is the average number of sequences per decode step"
         return dict(max_batch=self.max_batch, active=len(self.active), waiting=len(self._pending), steps=self.steps,
                     tokens=self.tokens, prefills=self.prefills, max_batch_seen=self.max_rows, rows_stepped=self.rows_stepped,
+                    threads=self.threads,
                     mean_batch=round(self.rows_stepped / self.steps, 2) if self.steps else None)
 
     def close(self, timeout:float=30):
@@ -187,11 +206,12 @@ def _take(self:BatchScheduler)->list[SeqRequest]|None:
 
 @patch
 def _run(self:BatchScheduler):
+    if self.threads: torch.set_num_threads(self.threads)  # this thread's count (torch starts later threads with it too)
+    self.threads = torch.get_num_threads()
     with torch.inference_mode():
         while (joining := self._take()) is not None:
             try:
-                for r in joining:
-                    if not r.cancelled: self._prefill(r)
+                self._prefill([r for r in joining if not r.cancelled])
                 self._leave()
                 if self.active: self._step()
                 self._leave()
@@ -212,17 +232,23 @@ def _accept(self:BatchScheduler, r:SeqRequest, tok:int, logprob:float):
         r.done = r.n >= self.model.config.block_size
 
 @patch
-def _prefill(self:BatchScheduler, r:SeqRequest):
-    "Run the newcomer's prompt into the next free row of the cache; its first token comes out of it"
+def _prefill(self:BatchScheduler, joining:list[SeqRequest]):
+    "Run the newcomers' prompts into the next free rows of the cache, together; each one's first token comes out of it"
     if self._cache is None: self._cache = self.model.new_cache(self.max_batch)
-    b, m = len(self.active), self.model
-    self.active.append(r)
-    r.n = len(r.ids)
-    if r.max_new_tokens < 1 or r.n >= self.model.config.block_size: r.done = True; return  # as `stream_generate`: nothing to make
-    ids = torch.tensor([r.ids], dtype=torch.long, device=m.rope_cos.device)
-    logits = m(ids, cache=self._cache.row(b))[0][0, -1]
-    self.prefills += 1
-    self._accept(r, *next_token(logits, r.temperature, r.top_k, r.top_p, r.generator))
+    go = []
+    for r in joining:
+        r.n = len(r.ids)
+        if r.max_new_tokens < 1 or r.n >= self.model.config.block_size: r.done = True  # as `stream_generate`: nothing to make
+        else: go.append(r)
+    first = len(self.active)
+    self.active += go + [r for r in joining if r.done]  # the done ones leave at once, from the end
+    if not go: return
+    if len(go) == 1:  # one newcomer: `forward` on its row, as `stream_generate` prefills
+        ids = torch.tensor([go[0].ids], dtype=torch.long, device=self.model.rope_cos.device)
+        logits = self.model(ids, cache=self._cache.rows(first))[0][:, -1]
+    else: logits = self.model.prefill_rows([r.ids for r in go], self._cache, first)
+    self.prefills += len(go)
+    for r, lg in zip(go, logits): self._accept(r, *next_token(lg, r.temperature, r.top_k, r.top_p, r.generator))
 
 @patch
 def _step(self:BatchScheduler):
@@ -230,7 +256,7 @@ def _step(self:BatchScheduler):
     m, rows = self.model, self.active
     dev = m.rope_cos.device
     if len(rows) == 1:  # alone: the one-sequence fast path of 03_transformer, on row 0
-        one = self._cache.row(0)
+        one = self._cache.rows(0)
         one.length = rows[0].n - 1
         logits = m.decode_step(rows[0].last, one, rows[0].n - 1)[None]  # (1, V)
     else:

@@ -444,7 +444,7 @@ async def run_benchmark(models:Sequence[str|ModelAdapter]|None=None, # default: 
                        )->pd.DataFrame:
     "Benchmark `models` with `suite`: a DataFrame (one row per model), optionally JSONL + PNG files + the answers side by side"
     suite, config = suite or BenchmarkSuite.full(), config or get_config()
-    models = list(models) if models is not None else [DEFAULT_VERSIONS.get(f, f) for f in ModelFactory.available()]
+    models = list(models) if models is not None else ModelFactory.default_versions(config)
     t0 = time.perf_counter()
     recs = await run_round(models, suite, config, clf, keep_answers=out_dir is not None)
     answers = [a for a in (r.pop("answers", None) for r in recs) if a is not None]  # the dev answers the round generated

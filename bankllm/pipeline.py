@@ -28,7 +28,7 @@ from .benchmark import BenchmarkSuite, paired_latency, run_round, summarize_roun
 from .config import Settings, get_config
 from .conversations import new_conversation_id
 from .data import CredentialGuard, PlaceholderFiller, fill_placeholders, guard_text
-from .factory import DEFAULT_VERSIONS, ModelFactory, parse_version
+from .factory import ModelFactory, parse_version
 from .records import JsonlFollower, RequestCounters, append_jsonl, utc_now
 from .testing import EchoAdapter
 
@@ -310,7 +310,7 @@ def start_benchmark_round(self:BankingLLMPipeline)->BenchmarkRound:
 def benchmark_versions(self:BankingLLMPipeline)->list[str|ModelAdapter]:
     "What a round covers: `benchmark_models`, or every registered family with the active model standing in for its own"
     active = self.model
-    names = self.benchmark_models or [DEFAULT_VERSIONS.get(f, f) for f in ModelFactory.available()]
+    names = self.benchmark_models or ModelFactory.default_versions(self.config)
     fam = parse_version(active.version).family
     out = [active if (n == active.version or (self.benchmark_models is None and parse_version(n).family == fam)) else n
            for n in names]

@@ -30,7 +30,7 @@ def test_decode_batch_rows_equal_decode_step_alone(cfg, dtype):
     prompts = [torch.randint(0, cfg.vocab_size, (1, n)) for n in lengths]
     big, singles = m.new_cache(8), [m.new_cache(1) for _ in lengths]
     with torch.inference_mode():
-        toks = [int(m(p, cache=big.row(b))[0][0, -1].argmax()) for b, p in enumerate(prompts)]
+        toks = [int(m(p, cache=big.rows(b))[0][0, -1].argmax()) for b, p in enumerate(prompts)]
         for p, c in zip(prompts, singles): m(p, cache=c)
         pos = torch.tensor(lengths)
         for _ in range(20):
@@ -39,6 +39,23 @@ def test_decode_batch_rows_equal_decode_step_alone(cfg, dtype):
             assert (together - apart).abs().max().item() < (0.1 if dtype == torch.bfloat16 else 1e-4)
             assert together.argmax(-1).tolist() == apart.argmax(-1).tolist()
             toks, pos = apart.argmax(-1).tolist(), pos + 1
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.tiny(n_head=4, n_kv_head=1)])
+def test_prompts_prefilled_together_equal_each_prefilled_alone(cfg):
+    m = peaked(cfg, seed=7)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (7, 1, 30, 12)]
+    big = m.new_cache(5)
+    with torch.inference_mode():
+        together = m.prefill_rows(prompts, big, first=1)
+        for b, p in enumerate(prompts):
+            alone = m.new_cache(1)
+            logits = m(torch.tensor([p]), cache=alone)[0][0, -1]
+            assert (together[b] - logits).abs().max().item() < 1e-4 and int(together[b].argmax()) == int(logits.argmax())
+            for layer in range(cfg.n_layer):
+                assert torch.allclose(big.v[layer][1 + b, :, :len(p)], alone.v[layer][0, :, :len(p)], atol=1e-5)
+    assert big.k[0][0].abs().sum() == 0  # row 0 untouched
+    with pytest.raises(ValueError, match="does not fit"): m.prefill_rows([[1] * (cfg.block_size + 1)], big)
 
 
 def test_decode_batch_refuses_what_does_not_fit():
@@ -184,3 +201,11 @@ async def test_metrics_report_batch_occupancy(tmp_path):
     m = pipe.get_metrics()["batching"][a.version]
     assert m["max_batch"] == 8 and 1 < m["max_batch_seen"] <= 8
     a.unload()
+
+
+async def test_the_custom_threads_setting_sets_the_engine_threads_count():
+    a = CustomAdapter(config=get_config(custom_threads=1), fill_placeholders=False)
+    r = await a.generate("I lost my card", max_tokens=8, temperature=0)
+    assert r.tokens > 0 and a.batch_stats()["threads"] == 1
+    a.unload()
+    with pytest.raises(ValueError): get_config(custom_threads=0)

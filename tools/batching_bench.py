@@ -54,14 +54,12 @@ async def closed_loop(c, n, one):
     return res, time.perf_counter() - t0
 
 
-async def goal_case(reps=2, max_tokens=128, threads=None):
+async def goal_case(threads, reps=2, max_tokens=128):
     from bankllm.adapters.custom import CustomAdapter
     from bankllm.config import get_config
-    default_threads = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)  # the schedulers' threads start with this count
     qs = QUESTIONS[:16]
-    batched = CustomAdapter(config=get_config(max_batch=16), fill_placeholders=False)
-    locked = CustomAdapter(config=get_config(max_batch=1), fill_placeholders=False)
+    batched = CustomAdapter(config=get_config(max_batch=16, custom_threads=threads), fill_placeholders=False)
+    locked = CustomAdapter(config=get_config(max_batch=1, custom_threads=threads), fill_placeholders=False)
     await batched.load(); await locked.load()
     best, texts = {}, {}
     async def run(mode):
@@ -86,17 +84,14 @@ async def goal_case(reps=2, max_tokens=128, threads=None):
     rows = [dict(r, vs_one_by_one=round(r["tokens_per_s"] / base, 2)) for r in best.values()]
     same = texts["16 at once, batched"] == texts["one by one"]
     batched.unload(); locked.unload()
-    torch.set_num_threads(default_threads)
     print("goal", json.dumps(rows), "same answers:", same, flush=True)
-    return dict(threads=threads or default_threads, rows=rows, same_answers=same, same_answers_one_at_a_time=texts["16 at once, one at a time"] == texts["one by one"],
+    return dict(threads=threads, rows=rows, same_answers=same, same_answers_one_at_a_time=texts["16 at once, one at a time"] == texts["one by one"],
                 questions=len(qs), max_tokens=max_tokens, example=texts["16 at once, batched"][0])
 
 
-async def ours_sweep(model, prompts, concurrency, n_requests, max_tokens, label, threads=None):
+async def ours_sweep(model, prompts, concurrency, n_requests, max_tokens, label, threads):
     from bankllm.batching import BatchScheduler, LoopInbox, SeqRequest
-    default_threads = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)  # the scheduler's thread, started below, takes this count
-    sched = BatchScheduler(model, max_batch=max(concurrency))
+    sched = BatchScheduler(model, max_batch=max(concurrency), threads=threads)
     inbox = LoopInbox(asyncio.get_running_loop())  # as the custom adapter does
     ids = {}
     async def one(i):
@@ -118,7 +113,6 @@ async def ours_sweep(model, prompts, concurrency, n_requests, max_tokens, label,
         print(json.dumps(rows[-1]), flush=True)
     rows[-1]["mean_batch_all_runs"] = sched.stats()["mean_batch"]
     sched.close()
-    torch.set_num_threads(default_threads)
     return rows, first_ids
 
 
@@ -155,13 +149,13 @@ class Server:
         self.thread.join(30)
 
 
-async def api_sweep(concurrency, n_requests, max_tokens):
+async def api_sweep(concurrency, n_requests, max_tokens, threads):
     import httpx
     from bankllm.adapters.custom import CustomAdapter
     from bankllm.app import create_app
     from bankllm.config import get_config
     from bankllm.pipeline import BankingLLMPipeline
-    cfg = get_config(max_batch=max(concurrency), max_queue=64, enable_benchmarking=False, fill_placeholders=False,
+    cfg = get_config(max_batch=max(concurrency), custom_threads=threads, max_queue=64, enable_benchmarking=False, fill_placeholders=False,
                      benchmark_log=Path(tempfile.mkdtemp())/"log.jsonl")
     rows = []
     with Server(create_app(BankingLLMPipeline(cfg, model=CustomAdapter(config=cfg)))) as url:
@@ -211,10 +205,11 @@ def main():
     out = dict(machine=dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                             loadavg_start=os.getloadavg()),
                model="custom_model_built_0.1.0", requests=a.requests, max_tokens=a.max_tokens, concurrency=conc)
-    out["goal"] = asyncio.run(goal_case())
-    out["goal_1_thread"] = asyncio.run(goal_case(threads=1))
+    default = torch.get_num_threads()  # torch's default: one per core (set explicitly: a thread started later inherits the last count set)
+    out["goal"] = asyncio.run(goal_case(default))
+    out["goal_1_thread"] = asyncio.run(goal_case(1))
     bf16 = load_checkpoint("custom_model_built_0.1.0")[0].to(torch.bfloat16)
-    variants = {"float32": (model, None), "bfloat16": (bf16, None), "float32, 1 thread": (model, 1)}
+    variants = {"float32": (model, default), "bfloat16": (bf16, default), "float32, 1 thread": (model, 1)}
     def ours():
         return {k: asyncio.run(ours_sweep(m, prompts, conc, a.requests, a.max_tokens, k, th)) for k, (m, th) in variants.items()}
     runs = [ours()]
@@ -230,7 +225,7 @@ def main():
     out["ours_runs"] = [{dt: rows for dt, (rows, _) in r.items()} for r in runs]
     out["sweep"] = [row for k in variants for row in best_of(*[r[k][0] for r in runs])]
     out["sweep"] += [row for v in out.get("vllm", {}).values() for row in v["rows"]]
-    out["api"] = asyncio.run(api_sweep(conc, a.requests, a.max_tokens))
+    out["api"] = asyncio.run(api_sweep(conc, a.requests, a.max_tokens, default))
     out["sweep"] += out["api"]
     out["machine"]["loadavg_end"] = os.getloadavg()
     path = record_path(Path(a.out))

@@ -56,7 +56,8 @@ class CustomAdapter(ModelAdapter):
     def _load(self):
         if isinstance(self.checkpoint, Exception): raise ModelUnavailableError(f"{self.version}: {self.checkpoint}")
         self.model, self.tok = load_checkpoint(self.checkpoint, self.device)
-        self.scheduler = BatchScheduler(self.model, self.config.max_batch, name=f"bankllm-batch-{self.version}")
+        self.scheduler = BatchScheduler(self.model, self.config.max_batch, name=f"bankllm-batch-{self.version}",
+                                        threads=self.config.custom_threads)
 
     def _unload(self):
         if self.scheduler is not None: self.scheduler.close()  # requests still in it get an error
