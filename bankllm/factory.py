@@ -132,6 +132,8 @@ def _check_known(cls, name:str, version:str, config:Settings|None):
     config = config or get_config()
     usual = {*cls.offered(config), *cls.default_versions(config), config.llm_model_version, *config.models}
     if name in usual or version in usual: return
+    if (fam := parse_version(version).family) in OPTIONAL_FAMILIES:  # registered, but this configuration does not offer it
+        raise UnknownModelError(f"model {fam!r} is not configured on this server (set BANKLLM_{OPTIONAL_FAMILIES[fam].upper()})")
     if version not in (known := cls.known_versions(config)):
         raise UnknownModelError(f"unknown model {str(name)[:60]!r}: this server serves {', '.join(known)}")
 

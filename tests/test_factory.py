@@ -11,7 +11,7 @@ import pytest
 from bankllm.adapters.base import ModelUnavailableError
 from bankllm.testing import EchoAdapter
 from bankllm.config import get_config
-from bankllm.factory import DEFAULT_VERSIONS, ModelFactory, parse_version
+from bankllm.factory import DEFAULT_VERSIONS, ModelFactory, UnknownModelError, parse_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +91,12 @@ def test_importing_the_package_and_factory_stays_light():
             f"print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_cascade_is_offered_only_when_configured():
+    "Model lists, benchmark rounds and the names clients may use include the cascade only when BANKLLM_CASCADE names stages"
+    plain, with_cascade = get_config(), get_config(cascade="custom:0.6,qlora")
+    assert "cascade" not in ModelFactory.offered(plain) and "cascade" not in ModelFactory.default_versions(plain)
+    assert "cascade" not in ModelFactory.known_versions(plain)
+    assert "cascade" in ModelFactory.offered(with_cascade) and "cascade" in ModelFactory.known_versions(with_cascade)
+    with pytest.raises(UnknownModelError, match="set BANKLLM_CASCADE"): ModelFactory.create("cascade", plain, known_only=True)
