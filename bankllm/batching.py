@@ -255,7 +255,7 @@ def _step(self:BatchScheduler):
     "One decode step for every active sequence"
     m, rows = self.model, self.active
     dev = m.rope_cos.device
-    if len(rows) == 1:  # alone: the one-sequence fast path of 03_transformer, on row 0
+    if len(rows) == 1:  # alone: the one-sequence fast path of 03a_fast_decoding, on row 0
         one = self._cache.rows(0)
         one.length = rows[0].n - 1
         logits = m.decode_step(rows[0].last, one, rows[0].n - 1)[None]  # (1, V)

@@ -144,7 +144,7 @@ def cmd_serve(a)->int:
     uvicorn.run(create_app(config=cfg), host=a.host, port=a.port, log_level=a.log_level)
     return 0
 
-KV_QUESTION = "I need to dispute a withdrawal at an ATM that did not give me cash"  # the question 03_transformer measures
+KV_QUESTION = "I need to dispute a withdrawal at an ATM that did not give me cash"  # the question 03a_fast_decoding measures
 
 def _kv_bench(a)->int:
     "bankllm bench --kv-cache"

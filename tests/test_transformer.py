@@ -113,6 +113,18 @@ def test_decode_weights_follow_the_parameters():
     assert m.generate([4, 5, 6], 20, temperature=0).ids == m.generate([4, 5, 6], 20, temperature=0, use_cache=False).ids
 
 
+def test_the_package_generates_with_the_fast_step():
+    "03a's `decoder` comes after 03's in the module: generation builds the decode copies and gives the recompute's tokens"
+    from bankllm import transformer
+    from bankllm.transformer import DecodeWeights, kv_cache_benchmark  # names 03a exports stay importable
+    assert callable(BankingLLM.decode_step) and callable(BankingLLM.decode_weights) and callable(kv_cache_benchmark)
+    m = lively(CONFIGS["gqa"])
+    assert getattr(m, "_decode_weights", None) is None
+    g = m.generate([4, 5, 6], 20, temperature=0)
+    assert isinstance(m._decode_weights, DecodeWeights) and g.ids == m.generate([4, 5, 6], 20, temperature=0, use_cache=False).ids
+    assert transformer.__all__.count("DecodeWeights") == 1 and "kv_cache_benchmark" in transformer.__all__
+
+
 def test_training_mode_with_dropout_uses_forward_and_still_generates():
     m = lively(ModelConfig.tiny(dropout=0.5)).train()
     g = m.generate([1, 2, 3], 10, temperature=0)
