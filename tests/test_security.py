@@ -242,6 +242,21 @@ async def test_flood_is_shed_with_429_beyond_the_queue(tmp_path):
         assert e["type"] == "rate_limit_error" and e["code"] == "OverloadedError" and e["message"]
     assert 'bankllm_requests_shed_total{model="custom-test_flood"} 27.0' in metrics.splitlines()
 
+async def test_the_custom_model_batches_at_most_max_batch_and_sheds_beyond_the_queue(tmp_path):
+    "The real from-scratch model: 2 rows decoded together, 2 waiting; the rest of a flood of 12 long answers is shed (429)"
+    from bankllm.adapters.custom import CustomAdapter
+    with serve(tmp_path, model=lambda cfg: CustomAdapter(config=cfg, fill_placeholders=False), max_batch=2, max_queue=2) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            rs = await asyncio.gather(*(c.post("/api/v1/chat", json={"message": f"I lost my card ({i})", "max_tokens": 300})
+                                        for i in range(12)))
+            seen = srv.pipe.get_metrics()["batching"]
+    codes = [r.status_code for r in rs]
+    assert set(codes) == {200, 429} and codes.count(200) >= 4 and codes.count(429) >= 6, codes  # 4 + 8 when all arrive at once
+    assert all(r.headers["retry-after"] for r in rs if r.status_code == 429)
+    (b,) = seen.values()
+    assert b["max_batch"] == 2 and b["max_batch_seen"] <= 2 and b["active"] == 0
+
+
 # --- cancellation -----------------------------------------------------------------------------------------------------
 
 async def test_abandoned_requests_stop_their_generation(tmp_path):
