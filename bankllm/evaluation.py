@@ -539,12 +539,13 @@ async def dev_goals(adapter:ModelAdapter,         # the model to report on
                     max_tokens:int|None=None,     # default: the `default_max_tokens` setting, what API clients get
                     scope_per_intent:int|None=3,  # unmapped BANKING77 dev queries per intent in the scope set
                     progress:bool=False,
+                    concurrency:int=1,            # questions in flight at once (a model that batches answers them together)
                    )->pd.DataFrame:               # `goals_table` rows; `attrs`: run facts, sets, AUROC, calibration
     "The goals table of `adapter` on the dev sets, with the baselines, ready for `save_quality`"
     clf, sets = default_classifier(data_dir), eval_sets("dev", data_dir, scope_per_intent=scope_per_intent)
     max_tokens = max_tokens or adapter.config.default_max_tokens
     t0 = time.perf_counter()
-    reps = await evaluate_sets(adapter, sets, clf, max_tokens, progress=progress)
+    reps = await evaluate_sets(adapter, sets, clf, max_tokens, concurrency=concurrency, progress=progress)
     secs = time.perf_counter() - t0
     results = {adapter.version: reps, **(set_baselines(training_mix(data_dir), sets, clf) if baselines else {})}
     table = goals_table(results)

@@ -129,12 +129,13 @@ async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.1.0", # shipp
                               save:bool=True,          # write `dev_quality.json` (a scratch copy unless `update_shipped`)
                               update_shipped:bool|None=None, # write it beside the weights; None: `BANKLLM_UPDATE_SHIPPED`
                               progress:bool=False,
+                              concurrency:int=16,      # questions in flight: batched, with the same greedy answers as one by one
                              )->pd.DataFrame:
     "Dev quality of a checkpoint on the four dev sets, next to the baselines (`dev_goals`); saved with the weights' sha256"
     d = resolve_checkpoint(checkpoint)
     adapter = CustomAdapter(d.name, checkpoint=d, fill_placeholders=False)
-    table = await dev_goals(adapter, data_dir, progress=progress)
-    table.attrs["threads"] = torch.get_num_threads()
+    table = await dev_goals(adapter, data_dir, progress=progress, concurrency=concurrency)
+    table.attrs.update(threads=torch.get_num_threads(), concurrency=concurrency)
     if save: save_quality(table, record_path(d/"dev_quality.json", update_shipped), weights_sha256=_weights_sha256(d))
     return table
 
