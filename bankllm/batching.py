@@ -159,6 +159,8 @@ class BatchScheduler:
         self._cache: KVCache|None = None
         self._thread: threading.Thread|None = None
         self._closed = False
+        self._out: list[tuple[SeqRequest, object]] = []  # what a step emits, handed over together when it ends
+        self._dw = None                      # the decode weights, checked when requests join
         self.steps = self.tokens = self.prefills = self.rows_stepped = self.max_rows = 0
 
     def submit(self, r:SeqRequest)->SeqRequest:
@@ -215,9 +217,23 @@ def _run(self:BatchScheduler):
                 self._leave()
                 if self.active: self._step()
                 self._leave()
+                self._flush()
             except Exception as e:  # a bug or out of memory: every sequence in the batch fails, the thread lives on
+                self._flush()
                 for r in self.active: _emit(r, e)
                 self.active.clear()
+
+@patch
+def _flush(self:BatchScheduler):
+    "Hand over what this iteration emitted: items bound for one event loop's `LoopInbox` go in one burst (one wake-up)"
+    out, self._out, bursts = self._out, [], {}
+    for r, x in out:
+        if (inbox := getattr(r.emit, "inbox", None)) is None: _emit(r, x)
+        else: bursts.setdefault(inbox, []).append((r, x))
+    for inbox, items in bursts.items():
+        try: inbox.put_many([(r.emit.queue, x) for r, x in items])
+        except Exception:  # the loop is closed: its consumers are gone
+            for r, _ in items: r.cancelled = True
 
 # %% ../nbs/03b_batching.ipynb #f1f7a13a
 @patch
@@ -225,7 +241,7 @@ def _accept(self:BatchScheduler, r:SeqRequest, tok:int, logprob:float):
     "Emit a new token and decide whether the sequence goes on (the same rules as `stream_generate`)"
     r.last, r.new = tok, r.new + 1
     self.tokens += 1
-    _emit(r, (tok, logprob))
+    self._out.append((r, (tok, logprob)))
     if tok in r.stop_ids or r.new >= r.max_new_tokens: r.done = True
     else:
         r.n += 1
@@ -243,6 +259,7 @@ def _prefill(self:BatchScheduler, joining:list[SeqRequest]):
     first = len(self.active)
     self.active += go + [r for r in joining if r.done]  # the done ones leave at once, from the end
     if not go: return
+    self._dw = self.model.decode_weights()  # checked as requests join (as `stream_generate` checks once per answer)
     if len(go) == 1:  # one newcomer: `forward` on its row, as `stream_generate` prefills
         ids = torch.tensor([go[0].ids], dtype=torch.long, device=self.model.rope_cos.device)
         logits = self.model(ids, cache=self._cache.rows(first))[0][:, -1]
@@ -258,11 +275,11 @@ def _step(self:BatchScheduler):
     if len(rows) == 1:  # alone: the one-sequence fast path of 03a_fast_decoding, on row 0
         one = self._cache.rows(0)
         one.length = rows[0].n - 1
-        logits = m.decode_step(rows[0].last, one, rows[0].n - 1)[None]  # (1, V)
+        logits = m.decode_step(rows[0].last, one, rows[0].n - 1, self._dw)[None]  # (1, V)
     else:
         toks = torch.tensor([r.last for r in rows], dtype=torch.long, device=dev)
         pos = torch.tensor([r.n - 1 for r in rows], dtype=torch.long, device=dev)
-        logits = m.decode_batch(toks, pos, self._cache)  # (B, V)
+        logits = m.decode_batch(toks, pos, self._cache, self._dw)  # (B, V)
     self.steps, self.rows_stepped, self.max_rows = self.steps + 1, self.rows_stepped + len(rows), max(self.max_rows, len(rows))
     greedy = [b for b, r in enumerate(rows) if r.temperature == 0]
     if greedy:  # one argmax and one log-softmax for all greedy rows
@@ -280,7 +297,7 @@ def _leave(self:BatchScheduler):
     while b < len(self.active):
         r = self.active[b]
         if not (r.done or r.cancelled): b += 1; continue
-        if r.done and not r.cancelled: _emit(r, None)
+        if r.done and not r.cancelled: self._out.append((r, None))
         last = self.active.pop()
         if b < len(self.active):  # the freed row was not the last: fill it with the last one
             self._cache.move_row(len(self.active), b, last.n)
@@ -292,17 +309,24 @@ class LoopInbox:
     def __init__(self, loop:asyncio.AbstractEventLoop):
         self.loop, self._items, self._lock, self._scheduled = loop, [], threading.Lock(), False
 
-    def sender(self, q:asyncio.Queue)->Callable[[object], None]:
+    def sender(self, q:asyncio.Queue)->"_Sender":
         "An `emit` for a `SeqRequest` whose consumer awaits `q`"
-        return lambda x: self._put(q, x)
+        return _Sender(self, q)
 
-    def _put(self, q, x):
+    def put_many(self, items:list[tuple[asyncio.Queue, object]]):
+        "Queue (queue, item) pairs for delivery on the loop; one wake-up for the lot"
         with self._lock:
-            self._items.append((q, x))
-            if self._scheduled: return  # a wake-up is already on its way: it will carry this item too
+            self._items.extend(items)
+            if self._scheduled: return  # a wake-up is already on its way: it will carry these too
             self._scheduled = True
         self.loop.call_soon_threadsafe(self._deliver)  # raises once the loop is closed: the scheduler drops the request
 
     def _deliver(self):
         with self._lock: items, self._items, self._scheduled = self._items, [], False
         for q, x in items: q.put_nowait(x)
+
+class _Sender:
+    "A `SeqRequest.emit` that knows its inbox and queue, so the scheduler can hand a whole step over in one burst"
+    __slots__ = ("inbox", "queue")
+    def __init__(self, inbox:LoopInbox, queue:asyncio.Queue): self.inbox, self.queue = inbox, queue
+    def __call__(self, x): self.inbox.put_many([(self.queue, x)])
