@@ -172,7 +172,7 @@ class Settings(BaseSettings):
     cooldown_failures: int = Field(3, ge=1)          # consecutive failures that take a model out of rotation
     cooldown_s: float = Field(30.0, ge=0)            # for this long (the circuit breaker's open state)
     cascade: Annotated[list[tuple[str, float|None]], NoDecode] = []  # model:threshold,...,last: cheap first (`parse_cascade`)
-    cascade_handoff: bool = True        # a stage's scope hand-off passes the question on (the measured price: 32_cascade)
+    cascade_handoff: bool = True        # a stage's scope hand-off passes the question on (the measured price: 23_cascade)
     # what answers cost (operator settings: no client can set them)
     prices: dict[str, Price] = {}       # JSON object: version, Gemini model or family -> Price fields, over `DEFAULT_PRICES`
 

@@ -355,15 +355,15 @@ def count_params(model:nn.Module)->int:
     return sum(p.numel() for p in model.parameters())
 
 def model_memory_mb(model:nn.Module)->float:
-    "MiB occupied by parameters and buffers (shared tensors counted once), plus a `BankingLLM`'s decode copies (03a) once built"
+    "MiB occupied by parameters and buffers (shared tensors counted once), plus a `BankingLLM`'s decode copies (07a) once built"
     ts = list(model.parameters()) + list(model.buffers())
     dw = getattr(model, "_decode_weights", None)
     return sum(t.numel() * t.element_size() for t in ts) / 2**20 + (dw.memory_mb() if dw is not None else 0.0)
 
-# %% ../nbs/03a_fast_decoding.ipynb #8e12730b
+# %% ../nbs/07a_fast_decoding.ipynb #8e12730b
 import time  # the benchmark's clock; the rest of what this notebook exports uses 03's imports
 
-# %% ../nbs/03a_fast_decoding.ipynb #3769fd36
+# %% ../nbs/07a_fast_decoding.ipynb #3769fd36
 @dataclass
 class DecodeWeights:
     "Inference-only copies of a model's weights, laid out for one-token decode steps (see `BankingLLM.decode_weights`)"
@@ -382,7 +382,7 @@ def _params_key(model:nn.Module)->tuple:
     "Changes whenever a parameter is replaced, moved or modified in place"
     return tuple((p.data_ptr(), p.dtype, -1 if p.is_inference() else p._version) for p in model.parameters())
 
-# %% ../nbs/03a_fast_decoding.ipynb #c36e9b2a
+# %% ../nbs/07a_fast_decoding.ipynb #c36e9b2a
 @patch
 @torch.no_grad()
 def decode_weights(self:BankingLLM)->DecodeWeights:
@@ -409,7 +409,7 @@ def decode_weights(self:BankingLLM)->DecodeWeights:
     self._decode_weights = dw  # a plain attribute: not a parameter or buffer, never saved
     return dw
 
-# %% ../nbs/03a_fast_decoding.ipynb #a5e57dea
+# %% ../nbs/07a_fast_decoding.ipynb #a5e57dea
 def _inv_rms(x:torch.Tensor,      # (1, C) one row of the residual stream
              c_eps:torch.Tensor,  # (1, 1) float32: C * eps
             )->torch.Tensor:     # (1, 1) in x's dtype
@@ -449,7 +449,7 @@ def decode_step(self:BankingLLM,
     cache.length = pos + 1
     return (x @ dw.head).mul_(_inv_rms(x, dw.c_eps)).view(-1).float()  # (V,) (.float() is free for a float32 model)
 
-# %% ../nbs/03a_fast_decoding.ipynb #4daaf7e6
+# %% ../nbs/07a_fast_decoding.ipynb #4daaf7e6
 @patch
 def decoder(self:BankingLLM,  # noqa: F811 (this replaces 03's step: the module holds both, the later one wins)
             cache:KVCache,  # filled in place, one position per call
@@ -461,7 +461,7 @@ def decoder(self:BankingLLM,  # noqa: F811 (this replaces 03's step: the module 
     dw = self.decode_weights()  # NEW: fetched once: the weights do not change in the middle of an answer
     return lambda tok, pos: self.decode_step(tok, cache, pos, dw)  # NEW: the fast step
 
-# %% ../nbs/03a_fast_decoding.ipynb #b8a16d0b
+# %% ../nbs/07a_fast_decoding.ipynb #b8a16d0b
 def kv_cache_benchmark(model:BankingLLM,
                        prompt:list[int],        # prompt token ids
                        new_tokens:int=256,      # tokens to generate (no stop ids: always exactly this many)

@@ -114,9 +114,9 @@ def test_decode_weights_follow_the_parameters():
 
 
 def test_the_package_generates_with_the_fast_step():
-    "03a's `decoder` comes after 03's in the module: generation builds the decode copies and gives the recompute's tokens"
+    "07a's `decoder` comes after 03's in the module: generation builds the decode copies and gives the recompute's tokens"
     from bankllm import transformer
-    from bankllm.transformer import DecodeWeights, kv_cache_benchmark  # names 03a exports stay importable
+    from bankllm.transformer import DecodeWeights, kv_cache_benchmark  # names 07a exports stay importable
     assert callable(BankingLLM.decode_step) and callable(BankingLLM.decode_weights) and callable(kv_cache_benchmark)
     m = lively(CONFIGS["gqa"])
     assert getattr(m, "_decode_weights", None) is None

@@ -4,7 +4,7 @@ with every question perturbed (`perturb`: typos, lower case, no punctuation).
 
     BANKLLM_DATA_DIR=... python tools/augmentation_ablation.py benchmarks/augmentation_ablation.json [STEPS]
 
-Writes JSON (numbers only, no data rows) that `nbs/04_training.ipynb` shows.
+Writes JSON (numbers only, no data rows) that `nbs/07_training.ipynb` shows.
 """
 import json, random, sys, time
 from dataclasses import asdict, replace

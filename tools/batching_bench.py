@@ -1,4 +1,4 @@
-"""Continuous batching, measured side by side in one run (the numbers `nbs/03b_batching.ipynb` shows).
+"""Continuous batching, measured side by side in one run (the numbers `nbs/07b_batching.ipynb` shows).
 
     python tools/batching_bench.py benchmarks/batching_cpu.json --vllm-python ~/venvs/vllm/bin/python
 

@@ -1,4 +1,4 @@
-"""What each change to `BankingLLM.decode_step` buys: cumulative variants timed side by side (the table in 03a_fast_decoding).
+"""What each change to `BankingLLM.decode_step` buys: cumulative variants timed side by side (the table in 07a_fast_decoding).
 
     BANKLLM_DATA_DIR=... python tools/decode_ablation.py [--runs 6] [--json OUT.json]
 

@@ -5,7 +5,7 @@ already learned that very mix: it has little left to learn, and its dev losses b
 adapter's effect where there is something to learn: the same recipe on the 0.0.0 base, which saw only Bitext (no
 real phrasing, no scope answer, no follow-ups). It trains that adapter (into the cache, not shipped), evaluates it on
 the four dev sets exactly as the shipped models are evaluated (`dev_goals`), and quotes answers before (the base
-alone) and after. Writes `benchmarks/qlora_effect.json`, which notebook 12 shows. About 30 minutes on two CPU cores.
+alone) and after. Writes `benchmarks/qlora_effect.json`, which notebook 08 shows. About 30 minutes on two CPU cores.
 
     BANKLLM_DATA_DIR=../shared/data python tools/qlora_effect.py [--steps N]
 """
