@@ -37,13 +37,13 @@ CASES = {  # key -> (reference answer, wrong answer), built lazily
     "03.1": lambda: (BankingLLM(ModelConfig(n_kv_head=1)).new_cache().memory_mb() * 2**20, 2 * 6 * 4 * 320 * 64 * 4),
     "03.2": lambda: (list(range(4, 10)), list(range(10))),
     "03.3": lambda: (4096 * 256, 2 * 4096 * 256),
-    "04.1": lambda: (_collate_all, collate),
-    "04.2": lambda: (lr_at, lambda s, c: c.lr * 0.5 * (1 + math.cos(math.pi * s / c.steps))),
-    "05.1": lambda: (2/3, 0.6),
-    "05.2": lambda: (_lcs, lambda a, b: len(set(a) & set(b))),
-    "05.3": lambda: (5/6, 0.5),
-    "12.1": lambda: (4 * 8 * (4 * (256 + 256) + 3 * (256 + 704)), 4 * 16 * (4 * 512 + 3 * 960)),
-    "12.2": lambda: (4 + 8/32 + 32/(32*256), 5.0),
+    "07.1": lambda: (_collate_all, collate),
+    "07.2": lambda: (lr_at, lambda s, c: c.lr * 0.5 * (1 + math.cos(math.pi * s / c.steps))),
+    "06.1": lambda: (2/3, 0.6),
+    "06.2": lambda: (_lcs, lambda a, b: len(set(a) & set(b))),
+    "06.3": lambda: (5/6, 0.5),
+    "08.1": lambda: (4 * 8 * (4 * (256 + 256) + 3 * (256 + 704)), 4 * 16 * (4 * 512 + 3 * 960)),
+    "08.2": lambda: (4 + 8/32 + 32/(32*256), 5.0),
 }
 
 def test_every_exercise_has_a_case(): assert set(CASES) == set(EXERCISES)
