@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-from .transformer import BankingLLM, DecodeWeights, KVCache, next_token
+from .transformer import BankingLLM, DecodeWeights, KVCache, check_sampling, next_token
 
 # %% ../nbs/07b_batching.ipynb #09bbed92
 @patch
@@ -139,9 +139,7 @@ class SeqRequest:
 
 def _check(r:SeqRequest, block_size:int):
     "The same argument checks as `stream_generate`, before a request joins"
-    if r.temperature < 0: raise ValueError(f"temperature must be >= 0, got {r.temperature}")
-    if r.top_k is not None and r.top_k < 1: raise ValueError(f"top_k must be >= 1, got {r.top_k}")
-    if r.top_p is not None and not 0 < r.top_p <= 1: raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
+    check_sampling(r.temperature, r.top_k, r.top_p)
     if not r.ids: raise ValueError("the prompt must hold at least one token")
     if len(r.ids) > block_size: raise ValueError(f"a prompt of {len(r.ids)} tokens does not fit block_size={block_size}")
 
@@ -256,8 +254,9 @@ def _prefill(self:BatchScheduler, joining:list[SeqRequest]):
         r.n = len(r.ids)
         if r.max_new_tokens < 1 or r.n >= self.model.config.block_size: r.done = True  # as `stream_generate`: nothing to make
         else: go.append(r)
+    self._out += [(r, None) for r in joining if r.done]  # nothing to make: ended without taking a row
     first = len(self.active)
-    self.active += go + [r for r in joining if r.done]  # the done ones leave at once, from the end
+    self.active += go
     if not go: return
     self._dw = self.model.decode_weights()  # checked as requests join (as `stream_generate` checks once per answer)
     if len(go) == 1:  # one newcomer: `forward` on its row, as `stream_generate` prefills
