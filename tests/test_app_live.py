@@ -1,44 +1,20 @@
 """The app under a real uvicorn server on a loopback port, driven by real clients: the official `openai` client
 (plain and streaming), httpx, a load test (500 requests at concurrency 32), and the shipped custom model once.
 Timings are printed (`pytest -s`), never asserted."""
-import asyncio, socket, threading, time
+import asyncio, time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from bankllm.records import percentile
-from bankllm.testing import EchoAdapter
+from bankllm.testing import EchoAdapter, LiveServer, free_port  # noqa: F401 (other tests import them from here)
 from bankllm.app import create_app
 from bankllm.benchmark import BenchmarkSuite
 from bankllm.config import get_config
 from bankllm.pipeline import BankingLLMPipeline
 
 ADMIN = "live-admin-token-5e8a"
-
-def free_port()->int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-class LiveServer:
-    "uvicorn serving `app` on a free loopback port, in a background thread"
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on", access_log=False))
-    def __enter__(self):
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline: raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):

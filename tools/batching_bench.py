@@ -13,7 +13,7 @@
 3. Through the API: the app on uvicorn on loopback, `/v1/chat/completions` clients at the same concurrencies.
 Writes to `record_path(OUT)`: a scratch copy unless BANKLLM_UPDATE_SHIPPED=1.
 """
-import argparse, asyncio, json, os, socket, statistics, subprocess, tempfile, threading, time
+import argparse, asyncio, json, os, statistics, subprocess, tempfile, time
 from pathlib import Path
 
 import torch
@@ -133,33 +133,18 @@ def vllm_sweep(python, model, tok, prompts, concurrency, n_requests, max_tokens,
         return r
 
 
-class Server:
-    "The app on a real uvicorn server on a free loopback port"
-    def __init__(self, app):
-        import uvicorn
-        with socket.socket() as s: s.bind(("127.0.0.1", 0)); self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started: time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
-    def __exit__(self, *a):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 async def api_sweep(concurrency, n_requests, max_tokens, threads):
     import httpx
     from bankllm.adapters.custom import CustomAdapter
     from bankllm.app import create_app
     from bankllm.config import get_config
     from bankllm.pipeline import BankingLLMPipeline
+    from bankllm.testing import LiveServer
     cfg = get_config(max_batch=max(concurrency), custom_threads=threads, max_queue=64, enable_benchmarking=False, fill_placeholders=False,
                      benchmark_log=Path(tempfile.mkdtemp())/"log.jsonl")
     rows = []
-    with Server(create_app(BankingLLMPipeline(cfg, model=CustomAdapter(config=cfg)))) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+    with LiveServer(create_app(BankingLLMPipeline(cfg, model=CustomAdapter(config=cfg)))) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=300) as client:
             errors = []
             async def one(i):
                 t0 = time.perf_counter()
