@@ -35,7 +35,7 @@ examples:
   bankllm train --out checkpoints/my_model --steps 4000 --time-limit 1800
 
 settings come from the environment or an env file (--env-file, or BANKLLM_ENV_FILE):
-  LLM_MODEL_VERSION=custom_model_built_0.1.0 | custom_model_built_0.0.0 | qlora_vllm_finetuned_model_v1.1.0 | gemini_3.5_flash_v1.0.0
+  LLM_MODEL_VERSION=custom_model_built_0.1.0 | custom_model_built_0.2.0 | custom_model_built_0.0.0 | qlora_vllm_finetuned_model_v1.2.0 | gemini_3.5_flash_v1.0.0
   GEMINI_API_KEY, BANKLLM_ADMIN_TOKEN, BANKLLM_DATA_DIR, BANKLLM_DEVICE, ...  (see .env.custom / .env.qlora / .env.gemini)
 """
 
@@ -86,7 +86,7 @@ def build_parser()->argparse.ArgumentParser:
                                    "save a checkpoint (safetensors + record). Needs the data (BANKLLM_DATA_DIR or a download).",
                        epilog="example: bankllm train --out checkpoints/my_model --steps 4000 --time-limit 1800\n"
                               "then:    BANKLLM_CUSTOM_CHECKPOINT=checkpoints/my_model bankllm chat \"ATM fees?\"\n"
-                              "adapter: bankllm train --version qlora_vllm_finetuned_model_v1.1.0 --steps 20")
+                              "adapter: bankllm train --version qlora_vllm_finetuned_model_v1.2.0 --steps 20")
     t.add_argument("--out", metavar="DIR", help="checkpoint or adapter folder (default checkpoints/custom_model, or checkpoints/<version> for an adapter)")
     t.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     t.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop after this long, keeping the best checkpoint")
@@ -94,7 +94,7 @@ def build_parser()->argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (default 4096)")
     t.add_argument("--device", default="auto", help='"auto" (CUDA when present), "cpu", "cuda", ... (default auto)')
     t.add_argument("--version", default="custom_model_built_0.1.0",
-                   help="version recorded with the checkpoint; a shipped version trains with its recipe: custom_model_built_0.0.0, custom_model_built_0.1.0 (default), or a QLoRA adapter, qlora_vllm_finetuned_model_v1.0.0 or v1.1.0 (needs the qlora extra)")
+                   help="version recorded with the checkpoint; a shipped version trains with its recipe: custom_model_built_0.0.0, custom_model_built_0.1.0 (default), custom_model_built_0.2.0, or a QLoRA adapter, qlora_vllm_finetuned_model_v1.0.0, v1.1.0 or v1.2.0 (needs the qlora extra)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _env(t)
     return p

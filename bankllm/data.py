@@ -13,10 +13,10 @@ __all__ = ['DATA_SOURCES', 'DOWNLOAD_TIMEOUT', 'SPLITS', 'DEV_FRACTION', 'SEED',
            'system_prompt', 'normalize_question', 'clip_answer', 'chat_messages', 'system_with', 'history_turns',
            'fit_history', 'format_prompt', 'format_example', 'bitext_pairs', 'banking77_mapped', 'off_domain_requests',
            'asks_for_credentials', 'drop_credential_asks', 'CredentialGuard', 'guard_text', 'follow_up_questions',
-           'follow_ups', 'perturb', 'training_mix', 'eval_sets']
+           'follow_ups', 'perturb', 'closest_answers', 'training_mix', 'eval_sets']
 
 # %% ../nbs/01_data.ipynb #8058a533
-import hashlib, os, random, re, shutil, tempfile, urllib.request
+import hashlib, math, os, random, re, shutil, tempfile, urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -539,6 +539,28 @@ def perturb(text:str, rng, typo_rate:float=0.08, lower:float=0.5, no_punct:float
     if rng.random() < no_punct: out = re.sub(r"[^\w\s']", "", out)
     return " ".join(out.split()) or text
 
+# %% ../nbs/01_data.ipynb #c1o5e5t2
+def closest_answers(questions:Sequence[str], # e.g. real customers' queries
+                    intents:Sequence[str],   # the intent each is mapped to
+                    pairs:pd.DataFrame,      # `question`, `answer`, `intent`: where answers come from (Bitext train)
+                   )->list[str]:
+    "For each question, the answer of the most similar question of `pairs` with the same intent (IDF-weighted word overlap)"
+    words = lambda t: frozenset(re.findall(r"[a-z0-9']+", t.lower()))
+    qs = [words(q) for q in pairs.question]
+    df = {}
+    for ws in qs:
+        for w in ws: df[w] = df.get(w, 0) + 1
+    rare = math.log(len(qs))                                 # a word no question of `pairs` uses
+    idf = lambda w: math.log(len(qs) / df[w]) if w in df else rare
+    norm = lambda ws: math.sqrt(sum(idf(w)**2 for w in ws)) or 1.0
+    by_intent = {}
+    for ws, a, i in zip(qs, pairs.answer, pairs.intent): by_intent.setdefault(i, []).append((ws, norm(ws), a))
+    def best(q, i):
+        ws, n = words(q), norm(words(q))
+        return max(by_intent[i], key=lambda c: sum(idf(w)**2 for w in ws & c[0]) / (n * c[1]))[2]
+    return [best(q, i) for q, i in zip(questions, intents)]
+
+
 # %% ../nbs/01_data.ipynb #1b21d837
 BANK_NAMES = ("Example Bank", "Harbour Bank", "Northfield Savings", "Bank of Avalon", "Cedar Credit Union",
               "Meridian Bank", "First Lakeside", "Summit Trust")
@@ -557,7 +579,8 @@ def training_mix(data_dir:str|Path|None=None,     # default: the `data_dir` sett
                  off_domain_copies:int=3,         # times each off-domain request appears (perturbed when `augment`)
                  follow_up_n:int=800,             # two-turn conversations
                  bitext_augment_share:float=0.5,  # share of Bitext questions also added perturbed (with `augment`)
-                 system_share:float=0.15,         # share of rows that carry the bank's system prompt
+                 system_share:float=0.15,
+                 real_answers:str="random",       # a mapped query's answer: "random" (any of its intent's) or "closest" (`closest_answers`)         # share of rows that carry the bank's system prompt
                  seed:int=SEED,
                 )->pd.DataFrame:                  # columns `MIX_COLUMNS`, shuffled
     "The training chats: Bitext, real phrasing, scope answers, off-domain requests and follow-ups (train splits only)"
@@ -569,7 +592,9 @@ def training_mix(data_dir:str|Path|None=None,     # default: the `data_dir` sett
     oos = oos.sample(frac=out_of_scope_share, random_state=seed)
     off = off_domain_requests("train")
     off_q = [q if i == 0 or not augment else perturb(q, rng) for i in range(off_domain_copies) for q in off.question]
-    real_a = [rng.choice(by_intent[i]) for i in real.intent]
+    if real_answers not in ("random", "closest"): raise ValueError(f"real_answers must be random or closest, got {real_answers!r}")
+    closest = real_answers == "closest"
+    real_a = closest_answers(real.question, real.intent, bt) if closest else [rng.choice(by_intent[i]) for i in real.intent]
     parts = [_rows(bt.question, bt.answer, bt.intent, "bitext"),
              _rows(real.question, real_a, real.intent, "banking77").assign(max_answer=answer_cap),
              _rows(oos.question, [SCOPE_ANSWER]*len(oos), [OUT_OF_SCOPE]*len(oos), "scope"),
@@ -579,7 +604,8 @@ def training_mix(data_dir:str|Path|None=None,     # default: the `data_dir` sett
     parts.append(_rows(fu.question, fu.answer, fu.intent, "follow_up", fu.history).assign(max_answer=answer_cap))
     for _ in range(real_copies - 1):
         qs = [perturb(q, rng) for q in real.question] if augment else list(real.question)
-        parts.append(_rows(qs, [rng.choice(by_intent[i]) for i in real.intent], real.intent, "banking77")
+        answers = real_a if closest else [rng.choice(by_intent[i]) for i in real.intent]
+        parts.append(_rows(qs, answers, real.intent, "banking77")
                      .assign(max_answer=answer_cap))
     if augment:
         aug = bt.sample(frac=bitext_augment_share, random_state=seed)

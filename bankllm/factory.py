@@ -46,7 +46,7 @@ def parse_version(version:str)->ModelVersion:
 # %% ../nbs/10_factory.ipynb #6bfa5859
 DEFAULT_VERSIONS = {
     "custom": "custom_model_built_0.1.0",
-    "qlora": "qlora_vllm_finetuned_model_v1.1.0",
+    "qlora": "qlora_vllm_finetuned_model_v1.2.0",
     "gemini": "gemini_3.5_flash_v1.0.0",
 }
 

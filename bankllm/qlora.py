@@ -332,8 +332,10 @@ QLORA_RECIPES = {  # version -> (base, config, `training_mix` arguments or None:
         QLoRAConfig(steps=600, batch_size=16, lr=1e-3, eval_every=100, dtype="fp32"), None),
     "qlora_vllm_finetuned_model_v1.1.0": ("custom_model_built_0.1.0",
         QLoRAConfig(steps=600, batch_size=16, lr=1e-3, max_len=512, eval_every=100), RECIPES["custom_model_built_0.1.0"][2]),
+    "qlora_vllm_finetuned_model_v1.2.0": ("custom_model_built_0.2.0",
+        QLoRAConfig(steps=600, batch_size=16, lr=1e-3, max_len=512, eval_every=100), RECIPES["custom_model_built_0.2.0"][2]),
 }
-SHIPPED_QLORA_VERSION = "qlora_vllm_finetuned_model_v1.1.0"
+SHIPPED_QLORA_VERSION = "qlora_vllm_finetuned_model_v1.2.0"
 SHIPPED_QLORA_BASE, SHIPPED_QLORA_CONFIG, SHIPPED_QLORA_MIX = QLORA_RECIPES[SHIPPED_QLORA_VERSION]
 
 def recipe_data(mix:dict|None, data_dir=None, per_set:int=64, seed:int=42)->tuple[pd.DataFrame, dict[str, pd.DataFrame]]:

@@ -449,6 +449,12 @@ RECIPES = {  # version -> (model config, train config, `training_mix` arguments 
                     eval_every=1150, eval_questions=156, eval_tokens=40, topic_tolerance=0.03, time_limit_s=1680),
         dict(augment=True, out_of_scope_share=0.3, real_copies=3, answer_cap=64, off_domain_copies=3, follow_up_n=800,
              bitext_augment_share=0.5, system_share=0.15, seed=42)),
+    "custom_model_built_0.2.0": (
+        ModelConfig(vocab_size=4096, block_size=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=256),
+        TrainConfig(steps=3600, batch_size=24, lr=2e-3, min_lr=1e-4, warmup=100, curriculum=((0.4, 64), (1.0, None)),
+                    eval_every=900, eval_questions=156, eval_tokens=40, topic_tolerance=0.03, time_limit_s=1680),
+        dict(augment=True, out_of_scope_share=0.25, real_copies=3, answer_cap=64, off_domain_copies=3, follow_up_n=600,
+             bitext_augment_share=0.75, system_share=0.15, real_answers="random", seed=42)),
 }
 SHIPPED_VERSION = "custom_model_built_0.1.0"  # the default custom model
 SHIPPED_MODEL_CONFIG, SHIPPED_TRAIN_CONFIG, SHIPPED_MIX = RECIPES[SHIPPED_VERSION]

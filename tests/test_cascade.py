@@ -19,6 +19,7 @@ from bankllm.data import SCOPE_ANSWER, bitext_pairs
 from bankllm.evaluation import default_classifier
 from bankllm.factory import ModelFactory
 from bankllm.pipeline import BankingLLMPipeline
+from bankllm.training import SHIPPED_VERSION
 from bankllm.testing import EchoAdapter
 from conftest import FAST
 from test_app_live import LiveServer
@@ -266,7 +267,7 @@ def test_the_app_serves_the_cascade_over_the_custom_model(cascade_server):
         b = httpx.post(f"{srv.url}/api/v1/chat", json={"message": Q, "max_tokens": 24, "temperature": 0}, timeout=120).json()
         assert b["model_version"] == "cascade" and b["cascade"]["answered_by"] == "echo"
         first = b["cascade"]["stages"][0]
-        assert first["model"] == "custom_model_built_0.1.0" and first["escalated"] == "low_confidence" and 0 < first["confidence"] < 1
+        assert first["model"] == SHIPPED_VERSION and first["escalated"] == "low_confidence" and 0 < first["confidence"] < 1
         assert b["response"].startswith("You asked") and b["cost"] == pytest.approx(first["cost"] + b["cascade"]["stages"][1]["cost"])
         oai = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=120)
         r = oai.chat.completions.create(model="cascade", messages=[{"role": "user", "content": Q}], max_tokens=24, temperature=0)
@@ -281,5 +282,5 @@ def test_the_app_serves_the_cascade_over_the_custom_model(cascade_server):
 def test_the_app_lets_a_sure_custom_answer_through(cascade_server):
     with cascade_server(0.0) as srv:  # every custom answer is sure enough (unless it is the hand-off)
         b = httpx.post(f"{srv.url}/api/v1/chat", json={"message": Q, "max_tokens": 48, "temperature": 0}, timeout=120).json()
-        assert b["cascade"]["answered_by"] == "custom_model_built_0.1.0" and len(b["cascade"]["stages"]) == 1
+        assert b["cascade"]["answered_by"] == SHIPPED_VERSION and len(b["cascade"]["stages"]) == 1
         assert b["confidence"] == b["cascade"]["stages"][0]["confidence"] and not b["response"].startswith("You asked")

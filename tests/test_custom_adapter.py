@@ -10,7 +10,7 @@ from bankllm.data import PlaceholderFiller
 from bankllm.config import get_config
 from bankllm.data import fill_placeholders
 from bankllm.tokenizer import BPETokenizer
-from bankllm.training import save_checkpoint
+from bankllm.training import SHIPPED_VERSION, save_checkpoint
 from bankllm.transformer import BankingLLM, ModelConfig
 
 PROFILE = {"Customer Support Phone Number": "0800 123 456", "Bank Name": "Harbour Bank"}
@@ -102,7 +102,7 @@ async def test_a_client_that_leaves_stops_the_generation():
 
 
 def test_the_version_names_the_shipped_checkpoint_and_settings_can_override(tmp_path):
-    assert CustomAdapter().checkpoint.name == "custom_model_built_0.1.0"
+    assert CustomAdapter().checkpoint.name == SHIPPED_VERSION == "custom_model_built_0.1.0"
     assert CustomAdapter(config=get_config(custom_checkpoint=tmp_path)).checkpoint == tmp_path
 
 

@@ -5,9 +5,9 @@ import pandas as pd
 
 import bankllm.adapters.custom as custom
 from bankllm.config import record_path
-from bankllm.training import checkpoints_dir
+from bankllm.training import SHIPPED_VERSION, checkpoints_dir
 
-SHIPPED = checkpoints_dir()/"custom_model_built_0.1.0"/"dev_quality.json"
+SHIPPED = checkpoints_dir()/SHIPPED_VERSION/"dev_quality.json"
 
 def _digest(p): return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -19,9 +19,9 @@ async def test_evaluate_checkpoint_writes_a_scratch_copy(monkeypatch, tmp_path):
     monkeypatch.delenv("BANKLLM_UPDATE_SHIPPED", raising=False)
     monkeypatch.setattr(custom, "dev_goals", _fake_goals)
     before = _digest(SHIPPED)
-    await custom.evaluate_checkpoint("custom_model_built_0.1.0")
+    await custom.evaluate_checkpoint(SHIPPED_VERSION)
     assert _digest(SHIPPED) == before
-    scratch = tmp_path/"scratch"/"custom_model_built_0.1.0"/"dev_quality.json"
+    scratch = tmp_path/"scratch"/SHIPPED_VERSION/"dev_quality.json"
     assert scratch.is_file() and '"bitext_topic": 0.5' in scratch.read_text()
 
 def test_record_path_updates_the_shipped_file_only_when_asked(monkeypatch, tmp_path):

@@ -183,17 +183,17 @@ def main():
     a = ap.parse_args()
     from bankllm.config import record_path
     from bankllm.data import format_prompt
-    from bankllm.training import load_checkpoint
+    from bankllm.training import SHIPPED_VERSION, load_checkpoint
     conc = [int(c) for c in a.concurrency.split(",")]
-    model, tok = load_checkpoint("custom_model_built_0.1.0")
+    model, tok = load_checkpoint(SHIPPED_VERSION)
     prompts = [tok.encode(format_prompt(q)) for q in QUESTIONS]
     out = dict(machine=dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                             loadavg_start=os.getloadavg()),
-               model="custom_model_built_0.1.0", requests=a.requests, max_tokens=a.max_tokens, concurrency=conc)
+               model=SHIPPED_VERSION, requests=a.requests, max_tokens=a.max_tokens, concurrency=conc)
     default = torch.get_num_threads()  # torch's default: one per core (set explicitly: a thread started later inherits the last count set)
     out["goal"] = asyncio.run(goal_case(default))
     out["goal_1_thread"] = asyncio.run(goal_case(1))
-    bf16 = load_checkpoint("custom_model_built_0.1.0")[0].to(torch.bfloat16)
+    bf16 = load_checkpoint(SHIPPED_VERSION)[0].to(torch.bfloat16)
     variants = {"float32": (model, default), "bfloat16": (bf16, default), "float32, 1 thread": (model, 1)}
     def ours():
         return {k: asyncio.run(ours_sweep(m, prompts, conc, a.requests, a.max_tokens, k, th)) for k, (m, th) in variants.items()}

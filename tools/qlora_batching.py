@@ -3,7 +3,7 @@
     BANKLLM_DATA_DIR=... python tools/qlora_batching.py [--rounds 3] [--max-tokens 32]
     BANKLLM_UPDATE_SHIPPED=1 python tools/qlora_batching.py     # write the shipped benchmarks/qlora_batching.json
 
-The shipped adapter (`qlora_vllm_finetuned_model_v1.1.0`) on its base, served in-process by `QLoRAAdapter` (the
+The shipped adapter (`SHIPPED_QLORA_VERSION`) on its base, served in-process by `QLoRAAdapter` (the
 transformers engine, CPU, the process's default torch threads), answers the same 16 questions greedily with
 `max_tokens` each, in every mode of one run: one request at a time; 8 at a time; all 16 at once; and all 16 at once
 with `max_batch=1` (one row: what concurrent clients got before the engine batched). Modes are interleaved round by

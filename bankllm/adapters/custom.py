@@ -20,7 +20,7 @@ from ..batching import BatchScheduler, LoopInbox, SeqRequest
 from ..config import record_path
 from ..data import ANSWER_ROOM, PlaceholderFiller, file_sha256, fit_history, format_prompt, system_prompt, system_with
 from ..evaluation import dev_goals, load_quality, save_quality
-from ..training import find_artifact, load_checkpoint, pick_device, resolve_checkpoint
+from ..training import SHIPPED_VERSION, find_artifact, load_checkpoint, pick_device, resolve_checkpoint
 from ..transformer import model_memory_mb
 
 # %% ../../nbs/11_custom_adapter.ipynb #027d5f0c
@@ -36,7 +36,7 @@ class CustomAdapter(ModelAdapter):
     def __init__(self, version:str|None=None, config=None,
                  checkpoint=None,                    # folder or shipped name (trusted); default: setting, else the version
                  fill_placeholders:bool|None=None):  # default: the `fill_placeholders` setting
-        super().__init__(version or "custom_model_built_0.1.0", config)
+        super().__init__(version or SHIPPED_VERSION, config)
         self.checkpoint = checkpoint or _checkpoint_for(self.version, self.config)
         self.fill = self.config.fill_placeholders if fill_placeholders is None else fill_placeholders
         self.model = self.tok = None
@@ -124,7 +124,7 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
 # %% ../../nbs/11_custom_adapter.ipynb #c46f9240
 def _weights_sha256(ckpt)->str: return file_sha256(resolve_checkpoint(ckpt)/"model.safetensors")
 
-async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.1.0", # shipped name or folder
+async def evaluate_checkpoint(checkpoint:str=SHIPPED_VERSION, # shipped name or folder
                               data_dir=None,           # default: the data-dir setting
                               save:bool=True,          # write `dev_quality.json` (a scratch copy unless `update_shipped`)
                               update_shipped:bool|None=None, # write it beside the weights; None: `BANKLLM_UPDATE_SHIPPED`
@@ -139,6 +139,6 @@ async def evaluate_checkpoint(checkpoint:str="custom_model_built_0.1.0", # shipp
     if save: save_quality(table, record_path(d/"dev_quality.json", update_shipped), weights_sha256=_weights_sha256(d))
     return table
 
-def stored_quality(checkpoint:str="custom_model_built_0.1.0")->pd.DataFrame:
+def stored_quality(checkpoint:str=SHIPPED_VERSION)->pd.DataFrame:
     "The stored dev-quality table of a checkpoint; an error if the weights changed since it was measured"
     return load_quality(resolve_checkpoint(checkpoint)/"dev_quality.json", weights_sha256=_weights_sha256(checkpoint))

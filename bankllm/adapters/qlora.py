@@ -582,12 +582,14 @@ async def evaluate_adapter(adapter:str=SHIPPED_QLORA_VERSION, # shipped name or 
                            data_dir=None,
                            save:bool=True,          # write `dev_quality.json` (a scratch copy unless `update_shipped`)
                            update_shipped:bool|None=None, # write it beside the adapter; None: `BANKLLM_UPDATE_SHIPPED`
-                           config=None, progress:bool=False)->pd.DataFrame:
+                           config=None, progress:bool=False,
+                           concurrency:int=16,      # questions in flight: the transformers engine answers them in one batch
+                          )->pd.DataFrame:
     "Dev quality of a QLoRA adapter (transformers engine) on the four dev sets (`dev_goals`); saved with the adapter"
     cfg = (config or get_config()).model_copy(update=dict(qlora_adapter=str(adapter)))
     qa = QLoRAAdapter(adapter_dir(adapter).name, config=cfg, engine="transformers", fill_placeholders=False)
-    table = await dev_goals(qa, data_dir, baselines=False, progress=progress)  # the custom model's table has the baselines
-    table.attrs["base_4bit"] = qa._impl.quantized
+    table = await dev_goals(qa, data_dir, baselines=False, progress=progress, concurrency=concurrency)  # the custom model's table has the baselines
+    table.attrs.update(base_4bit=qa._impl.quantized, concurrency=concurrency)
     if save: save_quality(table, record_path(adapter_dir(adapter)/"dev_quality.json", update_shipped, cfg),
                       adapter_sha256=_adapter_sha256(adapter))
     return table
