@@ -98,6 +98,7 @@ class TrainConfig:
     dtype: str = "auto"              # autocast: "bf16", "fp32", or "auto" (bf16 on CUDA and on CPUs with native bf16)
     compile: bool|None = None        # torch.compile; None: on CUDA only
     time_limit_s: float|None = None  # stop early (and keep the best checkpoint) after this long
+    anneal: tuple|None = None        # (share of the last steps, training-mix sources they draw from), e.g. (0.25, ("bitext",))
 
 def lr_at(step:int, cfg:TrainConfig)->float:
     "Learning rate at `step`: linear warm-up, then cosine decay to `min_lr`"
@@ -211,6 +212,7 @@ def train(model:BankingLLM, tok:BPETokenizer,
           dev_questions=None,                  # dev pairs for the quick topic check, or a dict of named sets (their mean); None: loss only
           clf=None,                            # `IntentClassifier` for the topic check
           progress:bool=True,                  # show a tqdm progress bar
+          anneal_ex=None,                      # examples for the last `cfg.anneal[0]` of the steps (`TrainConfig.anneal`)
          )->TrainResult:
     "Train `model` in place and restore the selected weights (see `select_best`)"
     cfg = cfg or TrainConfig()
@@ -226,6 +228,7 @@ def train(model:BankingLLM, tok:BPETokenizer,
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), disable=not progress, mininterval=5)
     for step in bar:
+        if anneal_ex and step == int((1 - cfg.anneal[0]) * cfg.steps): batches = _batches_forever(anneal_ex, cfg)  # the last phase
         x, y = collate(next(batches), tok.pad_id, max_answer_at(step, cfg))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         for g in opt.param_groups: g["lr"] = lr_at(step, cfg)
@@ -420,7 +423,10 @@ def train_custom_model(out_dir:str|Path|None=None,    # where to save; None: don
     tr_ex, dv_ex = make_examples(tok, tr, cfg.block_size), make_examples(tok, dv, cfg.block_size)
     torch.manual_seed(train_cfg.seed)
     model = BankingLLM(cfg)
-    res = train(model, tok, tr_ex, dv_ex, train_cfg, quick, default_classifier(data_dir), progress)
+    anneal_ex = None
+    if train_cfg.anneal and mix is not None:
+        anneal_ex = make_examples(tok, tr[tr.source.isin(train_cfg.anneal[1])], cfg.block_size)
+    res = train(model, tok, tr_ex, dv_ex, train_cfg, quick, default_classifier(data_dir), progress, anneal_ex)
     last = [h for h in res.history if "loss" in h][-1]
     device = pick_device(train_cfg.device)
     record = dict(version=version, created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), data=data,

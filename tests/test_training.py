@@ -92,3 +92,18 @@ def test_checkpoint_round_trip_and_hf_logits_parity(tok, tmp_path, kw):
 
 def test_unknown_checkpoint_lists_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match="custom_model_built_0.0.0"): resolve_checkpoint("nope_0.0.0")
+
+
+def test_the_anneal_phase_draws_only_its_own_examples(tok, monkeypatch):
+    import bankllm.training as training
+    ex = make_examples(tok, PAIRS, block_size=200)
+    main, last = ex[:2], ex[2:]
+    seen = []
+    real = training.collate
+    monkeypatch.setattr(training, "collate", lambda b, pad, cap=None: (seen.append({id(e) for e in b}), real(b, pad, cap))[1])
+    torch.manual_seed(0)
+    model = BankingLLM(ModelConfig.tiny(vocab_size=tok.vocab_size))
+    cfg = TrainConfig(steps=8, batch_size=2, warmup=1, eval_every=100, device="cpu", dtype="fp32", anneal=(0.25, ("x",)))
+    training.train(model, tok, main, ex, cfg, progress=False, anneal_ex=last)
+    assert all(s <= {id(e) for e in main} for s in seen[:6])  # the first 6 steps: the main examples only
+    assert seen[6:8] == [{id(last[0])}] * 2                   # the last quarter: the anneal examples only
