@@ -17,6 +17,7 @@ __all__ = ['DATA_SOURCES', 'DOWNLOAD_TIMEOUT', 'SPLITS', 'DEV_FRACTION', 'SEED',
 
 # %% ../nbs/01_data.ipynb #8058a533
 import hashlib, math, os, random, re, shutil, tempfile, urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -547,16 +548,14 @@ def closest_answers(questions:Sequence[str], # e.g. real customers' queries
     "For each question, the answer of the most similar question of `pairs` with the same intent (IDF-weighted word overlap)"
     words = lambda t: frozenset(re.findall(r"[a-z0-9']+", t.lower()))
     qs = [words(q) for q in pairs.question]
-    df = {}
-    for ws in qs:
-        for w in ws: df[w] = df.get(w, 0) + 1
+    df = Counter(w for ws in qs for w in ws)                 # in how many questions each word appears
     rare = math.log(len(qs))                                 # a word no question of `pairs` uses
     idf = lambda w: math.log(len(qs) / df[w]) if w in df else rare
     norm = lambda ws: math.sqrt(sum(idf(w)**2 for w in ws)) or 1.0
     by_intent = {}
     for ws, a, i in zip(qs, pairs.answer, pairs.intent): by_intent.setdefault(i, []).append((ws, norm(ws), a))
     def best(q, i):
-        ws, n = words(q), norm(words(q))
+        ws = words(q); n = norm(ws)
         return max(by_intent[i], key=lambda c: sum(idf(w)**2 for w in ws & c[0]) / (n * c[1]))[2]
     return [best(q, i) for q, i in zip(questions, intents)]
 
@@ -579,8 +578,8 @@ def training_mix(data_dir:str|Path|None=None,     # default: the `data_dir` sett
                  off_domain_copies:int=3,         # times each off-domain request appears (perturbed when `augment`)
                  follow_up_n:int=800,             # two-turn conversations
                  bitext_augment_share:float=0.5,  # share of Bitext questions also added perturbed (with `augment`)
-                 system_share:float=0.15,
-                 real_answers:str="random",       # a mapped query's answer: "random" (any of its intent's) or "closest" (`closest_answers`)         # share of rows that carry the bank's system prompt
+                 system_share:float=0.15,         # share of rows that carry the bank's system prompt
+                 real_answers:str="random",       # a mapped query's answer: "random" (any of its intent's) or "closest" (`closest_answers`)
                  seed:int=SEED,
                 )->pd.DataFrame:                  # columns `MIX_COLUMNS`, shuffled
     "The training chats: Bitext, real phrasing, scope answers, off-domain requests and follow-ups (train splits only)"

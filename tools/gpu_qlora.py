@@ -3,7 +3,7 @@
     BANKLLM_DATA_DIR=... python tools/gpu_qlora.py OUT_DIR VERSION[:field=value,...] ...
 
 For each argument: `finetune_recipe(VERSION)` on CUDA with the `QLoRAConfig` fields given after the colon
-changed (e.g. `qlora_vllm_finetuned_model_v1.2.0:lr=2e-3,init=residual`), then the adapter folder
+changed (e.g. `qlora_vllm_finetuned_model_v1.2.0:lr=3e-3,steps=1200`), then the adapter folder
 (weights, `adapter_config.json`, `training.json`) is packed as OUT_DIR/<VERSION>[-<n>].tar, and a summary of
 every run (time, dev loss by set with the adapter off and on) goes to OUT_DIR/gpu_qlora.json.
 Measure the dev goals of the adapter you keep on the machine that serves it (`evaluate_adapter`).
