@@ -136,11 +136,15 @@ def cmd_chat(a)->int:
 # %% ../nbs/31_cli.ipynb #a4d1c6ad
 def cmd_serve(a)->int:
     "bankllm serve"
-    import uvicorn
+    import torch, uvicorn
     from bankllm.app import create_app
+    from bankllm.batching import serving_config
     try: cfg = _config(a)
     except FileNotFoundError as e: return _err(str(e), 2)
-    print(f"bankllm: serving {cfg.llm_model_version} on http://{a.host}:{a.port}  (docs: /docs, OpenAI base URL: /v1)", file=sys.stderr)
+    torch.set_num_threads(1)  # the server's own threads do no tensor work: the model's engine is the one OpenMP team
+    cfg = serving_config(cfg)  # ... and takes every core, unless BANKLLM_CUSTOM_THREADS says otherwise
+    print(f"bankllm: serving {cfg.llm_model_version} on http://{a.host}:{a.port}  (docs: /docs, OpenAI base URL: /v1; "
+          f"custom model engine: {cfg.custom_threads} torch thread(s))", file=sys.stderr)
     uvicorn.run(create_app(config=cfg), host=a.host, port=a.port, log_level=a.log_level)
     return 0
 

@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     # the custom model
     custom_checkpoint: Path|None = None # a checkpoint folder; None: the shipped checkpoint named by the version
     max_batch: int = Field(16, ge=1, le=256)  # sequences the custom model decodes together (continuous batching); 1 = one at a time
-    custom_threads: int|None = Field(None, ge=1, le=256)  # torch CPU threads of the custom model's engine thread; None: torch's default (one per core)
+    custom_threads: int|None = Field(1, ge=1, le=256)  # torch CPU threads of the custom model's engine thread (07b_batching, section 5); None: torch's default, one per core
     # the bank the assistant speaks for
     bank_name: str = "Example Bank"
     bank_profile: dict[str, str] = {}   # JSON object: placeholder name -> text, merged over the defaults

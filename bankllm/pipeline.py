@@ -114,7 +114,8 @@ class _QueueCollector(Collector):
             yield fam
         batches = {a.version: b for a in self.models() if (b := a.batch_stats())}
         for name, help_, key in [("bankllm_batch_active", "Sequences in a model's running batch now (continuous batching).", "active"),
-                                 ("bankllm_batch_mean_occupancy", "Mean sequences per decode step since the model loaded.", "mean_batch")]:
+                                 ("bankllm_batch_mean_occupancy", "Mean sequences per decode step since the model loaded.", "mean_batch"),
+                                 ("bankllm_batch_engine_threads", "Torch CPU threads of the thread that runs a model's decode steps.", "threads")]:
             fam = GaugeMetricFamily(name, help_, labels=["model"])
             for m, b in batches.items(): fam.add_metric([m], b[key] or 0)
             yield fam

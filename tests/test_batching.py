@@ -41,6 +41,37 @@ def test_decode_batch_rows_equal_decode_step_alone(cfg, dtype):
             toks, pos = apart.argmax(-1).tolist(), pos + 1
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_products_equal_plain_products_and_follow_new_weights(dtype):
+    "oneDNN's packed weights change where the products run, not what they give; a weight change repacks"
+    m = peaked(ModelConfig.tiny(), seed=3, dtype=dtype)
+    toks, pos = torch.tensor([5, 9, 1]), torch.tensor([0, 0, 0])
+    def both():
+        a, b = m.new_cache(3), m.new_cache(3)
+        return m.decode_batch(toks, pos, a), m.decode_batch(toks, pos, b, packed=False)
+    packed, plain = both()
+    assert m.decode_weights().packed() is not None
+    assert (packed - plain).abs().max().item() < (0.1 if dtype == torch.bfloat16 else 1e-4)
+    assert packed.argmax(-1).tolist() == plain.argmax(-1).tolist()
+    with torch.no_grad(): m.lm_head.weight.mul_(-1)  # in place: the decode weights and their packed copies are rebuilt
+    flipped, plain2 = both()
+    assert (flipped - plain2).abs().max().item() < (0.1 if dtype == torch.bfloat16 else 1e-4)
+    assert flipped.argmax(-1).tolist() != packed.argmax(-1).tolist()
+
+
+def test_weights_onednn_cannot_pack_use_plain_products():
+    "A float64 model has no packed copy: `decode_batch` multiplies as `decode_step` does, rows still equal"
+    m = peaked(ModelConfig.tiny(), seed=4, dtype=torch.float64)
+    assert m.decode_weights().packed() is None
+    cache, alone = m.new_cache(2), m.new_cache(1)
+    with torch.inference_mode():
+        m(torch.tensor([[3, 4]]), cache=alone)
+        m(torch.tensor([[3, 4]]), cache=cache.rows(0)); m(torch.tensor([[7, 8]]), cache=cache.rows(1))
+        together = m.decode_batch(torch.tensor([6, 2]), torch.tensor([2, 2]), cache)
+        assert torch.allclose(together[0], m.decode_step(6, alone, 2), atol=1e-5)
+
+
 @pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.tiny(n_head=4, n_kv_head=1)])
 def test_prompts_prefilled_together_equal_each_prefilled_alone(cfg):
     m = peaked(cfg, seed=7)

@@ -1,5 +1,5 @@
 "The `bankllm` command: help, chat with a registered test model (plain, streamed, JSON), errors, bench to a tmp dir."
-import json, subprocess, sys
+import json, os, subprocess, sys, time
 
 import pytest
 
@@ -137,3 +137,39 @@ def test_train_a_shipped_adapter_recipe_for_real(tmp_path, capsys):
     assert rec["data"]["mix"]["out_of_scope_share"] == 0.3 and (out/"adapter_model.safetensors").is_file()
     with pytest.raises(SystemExit, match="known are qlora_vllm_finetuned_model_v1.0.0"):
         main(["train", "--version", "qlora_vllm_finetuned_model_v9.0.0"])
+
+
+def test_serve_gives_the_custom_engine_every_core(tmp_path):
+    "`bankllm serve` keeps its own torch work on one thread and gives the custom model's engine every core (07b_batching)"
+    import httpx
+    from bankllm.testing import free_port
+    port, url = free_port(), None
+    env = {k: v for k, v in os.environ.items() if k != "BANKLLM_CUSTOM_THREADS"}
+    env.update(ENABLE_BENCHMARKING="false", BANKLLM_BENCHMARK_LOG=str(tmp_path/"log.jsonl"))
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from bankllm.cli import main; sys.exit(main(sys.argv[1:]))",
+                          "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=5).status_code == 200: break
+            except httpx.HTTPError: pass
+            assert p.poll() is None and time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.3)
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json=dict(
+            model="custom", messages=[{"role": "user", "content": "I lost my card"}], max_tokens=4))
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        gauge = [l for l in httpx.get(url + "/metrics", timeout=10).text.splitlines() if l.startswith("bankllm_batch_engine_threads")]
+        assert len(gauge) == 1 and float(gauge[0].split()[-1]) == os.cpu_count()
+    finally:
+        p.terminate()
+        err = p.communicate(timeout=30)[1]
+    assert f"custom model engine: {os.cpu_count()} torch thread(s)" in err
+
+
+def test_an_explicit_engine_threads_setting_wins_over_the_serving_layout():
+    from bankllm.batching import serving_config
+    from bankllm.config import get_config
+    assert serving_config(get_config(), cores=6).custom_threads == 6
+    assert serving_config(get_config(custom_threads=1), cores=6).custom_threads == 1
+    assert serving_config(get_config(), cores=1000).custom_threads == 256  # the setting's own bound

@@ -4,13 +4,17 @@
 
 1. The goal case: sixteen greedy questions to the custom adapter one after another, then all sixteen at once with
    continuous batching (`BANKLLM_MAX_BATCH=16`), and at once with one request at a time (`BANKLLM_MAX_BATCH=1`, the
-   old behaviour); answers compared. Two alternating repetitions, the best of each kept.
+   old behaviour); answers compared. Two alternating repetitions, the best of each kept. With the engine threads of
+   `bankllm serve`, and again with one.
 2. A concurrency sweep (1, 4, 16, 32 clients, back to back, 32 requests, 64 new tokens each, stop token ignored so
    every request is the same work), in float32 (the weights as shipped) and in bfloat16 (what vLLM casts a float32
    model to on a CPU by default): our `BatchScheduler` in-process, twice around vLLM (`tools/vllm_batching.py`, run
    with `--vllm-python`, on the same checkpoint exported as a Hugging Face folder, the same prompt token ids); the
-   best of two runs per engine and concurrency. Ours also with one torch thread (the default is one per core).
+   best of two runs per engine and concurrency. Ours with the engine threads of `bankllm serve` (one per core) and
+   with one (the library's default).
 3. Through the API: the app on uvicorn on loopback, `/v1/chat/completions` clients at the same concurrencies.
+The process is laid out as `bankllm serve` lays out its own (`serving_config`, nbs/07b_batching section 5): this
+thread's torch work on one thread, each engine thread the only OpenMP team while it runs.
 Writes to `record_path(OUT)`: a scratch copy unless BANKLLM_UPDATE_SHIPPED=1.
 """
 import argparse, asyncio, json, os, statistics, subprocess, tempfile, time
@@ -58,33 +62,32 @@ async def goal_case(threads, reps=2, max_tokens=128):
     from bankllm.adapters.custom import CustomAdapter
     from bankllm.config import get_config
     qs = QUESTIONS[:16]
-    batched = CustomAdapter(config=get_config(max_batch=16, custom_threads=threads), fill_placeholders=False)
-    locked = CustomAdapter(config=get_config(max_batch=1, custom_threads=threads), fill_placeholders=False)
-    await batched.load(); await locked.load()
     best, texts = {}, {}
-    async def run(mode):
-        st0, t0 = batched.batch_stats(), time.perf_counter()
-        if mode == "one by one": rs = [await batched.generate(q, max_tokens=max_tokens, temperature=0) for q in qs]
-        else:
-            a = batched if mode == "16 at once, batched" else locked
-            rs = await asyncio.gather(*[a.generate(q, max_tokens=max_tokens, temperature=0) for q in qs])
-        st = batched.batch_stats()
-        steps = st["steps"] - st0["steps"]
-        occupancy = (st["rows_stepped"] - st0["rows_stepped"]) / steps if steps else None  # sequences per step, this run
-        return time.perf_counter() - t0, rs, occupancy
+    async def run(a, mode):
+        t0 = time.perf_counter()
+        if mode == "one by one": rs = [await a.generate(q, max_tokens=max_tokens, temperature=0) for q in qs]
+        else: rs = await asyncio.gather(*[a.generate(q, max_tokens=max_tokens, temperature=0) for q in qs])
+        return time.perf_counter() - t0, rs
     for _ in range(reps):
-        for mode in ["one by one", "16 at once, batched", "16 at once, one at a time"]:
-            s, rs, occupancy = await run(mode)
-            tokens = sum(r.tokens for r in rs)
-            texts[mode] = [r.text for r in rs]
-            if mode not in best or s < best[mode]["seconds"]:
-                best[mode] = dict(mode=mode, seconds=round(s, 3), tokens=tokens, tokens_per_s=round(tokens / s, 1),
-                                  mean_batch=round(occupancy, 2) if "batched" in mode else None)
+        # one adapter loaded at a time: each engine thread is the process's only OpenMP team while it runs
+        for max_batch, modes in [(16, ["one by one", "16 at once, batched"]), (1, ["16 at once, one at a time"])]:
+            a = CustomAdapter(config=get_config(max_batch=max_batch, custom_threads=threads), fill_placeholders=False)
+            await a.load()
+            for mode in modes:
+                st0 = a.batch_stats()
+                s, rs = await run(a, mode)
+                st = a.batch_stats()
+                steps = st["steps"] - st0["steps"]
+                tokens = sum(r.tokens for r in rs)
+                texts[mode] = [r.text for r in rs]
+                if mode not in best or s < best[mode]["seconds"]:
+                    best[mode] = dict(mode=mode, seconds=round(s, 3), tokens=tokens, tokens_per_s=round(tokens / s, 1),
+                                      mean_batch=round((st["rows_stepped"] - st0["rows_stepped"]) / steps, 2) if "batched" in mode else None)
+            a.unload()
     base = best["one by one"]["tokens_per_s"]
     rows = [dict(r, vs_one_by_one=round(r["tokens_per_s"] / base, 2)) for r in best.values()]
     same = texts["16 at once, batched"] == texts["one by one"]
-    batched.unload(); locked.unload()
-    print("goal", json.dumps(rows), "same answers:", same, flush=True)
+    print("goal", threads, json.dumps(rows), "same answers:", same, flush=True)
     return dict(threads=threads, rows=rows, same_answers=same, same_answers_one_at_a_time=texts["16 at once, one at a time"] == texts["one by one"],
                 questions=len(qs), max_tokens=max_tokens, example=texts["16 at once, batched"][0])
 
@@ -181,18 +184,21 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,4,16,32")
     a = ap.parse_args()
-    from bankllm.config import record_path
+    torch.set_num_threads(1)  # the process layout of `bankllm serve`: its own torch work on one thread, the engine takes the cores
+    from bankllm.batching import serving_config
+    from bankllm.config import get_config, record_path
     from bankllm.data import format_prompt
     from bankllm.training import SHIPPED_VERSION, load_checkpoint
     conc = [int(c) for c in a.concurrency.split(",")]
     model, tok = load_checkpoint(SHIPPED_VERSION)
     prompts = [tok.encode(format_prompt(q)) for q in QUESTIONS]
-    out = dict(machine=dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+    out = dict(machine=dict(cpu_count=os.cpu_count(), torch=torch.__version__,
                             loadavg_start=os.getloadavg()),
                model=SHIPPED_VERSION, requests=a.requests, max_tokens=a.max_tokens, concurrency=conc)
-    default = torch.get_num_threads()  # torch's default: one per core (set explicitly: a thread started later inherits the last count set)
+    default = serving_config(get_config()).custom_threads  # the server's engine threads (`bankllm serve`)
+    out["machine"]["serve_engine_threads"] = default
     out["goal"] = asyncio.run(goal_case(default))
-    out["goal_1_thread"] = asyncio.run(goal_case(1))
+    out["goal_1_thread"] = asyncio.run(goal_case(1))  # the library's default (a notebook, a process with other torch threads)
     bf16 = load_checkpoint(SHIPPED_VERSION)[0].to(torch.bfloat16)
     variants = {"float32": (model, default), "bfloat16": (bf16, default), "float32, 1 thread": (model, 1)}
     def ours():
