@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bankllm.adapters.custom import CustomAdapter
-from bankllm.batching import BatchScheduler, SeqRequest
+from bankllm.batching import BatchScheduler, SeqRequest, packed_weights
 from bankllm.config import get_config
 from bankllm.transformer import BankingLLM, ModelConfig
 
@@ -51,7 +51,7 @@ def test_packed_products_equal_plain_products_and_follow_new_weights(dtype):
         a, b = m.new_cache(3), m.new_cache(3)
         return m.decode_batch(toks, pos, a), m.decode_batch(toks, pos, b, packed=False)
     packed, plain = both()
-    assert m.decode_weights().packed() is not None
+    assert packed_weights(m.decode_weights()) is not None
     assert (packed - plain).abs().max().item() < (0.1 if dtype == torch.bfloat16 else 1e-4)
     assert packed.argmax(-1).tolist() == plain.argmax(-1).tolist()
     with torch.no_grad(): m.lm_head.weight.mul_(-1)  # in place: the decode weights and their packed copies are rebuilt
@@ -63,7 +63,7 @@ def test_packed_products_equal_plain_products_and_follow_new_weights(dtype):
 def test_weights_onednn_cannot_pack_use_plain_products():
     "A float64 model has no packed copy: `decode_batch` multiplies as `decode_step` does, rows still equal"
     m = peaked(ModelConfig.tiny(), seed=4, dtype=torch.float64)
-    assert m.decode_weights().packed() is None
+    assert packed_weights(m.decode_weights()) is None
     cache, alone = m.new_cache(2), m.new_cache(1)
     with torch.inference_mode():
         m(torch.tensor([[3, 4]]), cache=alone)
