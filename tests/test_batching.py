@@ -186,11 +186,16 @@ def test_an_error_in_a_step_fails_that_batch_and_the_thread_serves_on(monkeypatc
 def test_closing_fails_what_is_still_running():
     m = peaked(ModelConfig.tiny(block_size=512), seed=6)
     sched = BatchScheduler(m)
-    got, ended = [], threading.Event()
-    sched.submit(SeqRequest([1], 500, lambda x: (got.append(x), ended.set()) if not isinstance(x, tuple) else None))
-    time.sleep(0.05)
-    sched.close()
+    got, ended, first, release = [], threading.Event(), threading.Event(), threading.Event()
+    def emit(x):
+        if isinstance(x, tuple): first.set(); release.wait(30)  # the first token holds the scheduler until close is asked
+        else: got.append(x); ended.set()
+    sched.submit(SeqRequest([1], 500, emit))
+    assert first.wait(30)
+    sched.close(timeout=0)  # asks the thread to stop; it is still inside this request's first token
+    release.set()
     assert ended.wait(30) and isinstance(got[0], RuntimeError)
+    sched.close()
 
 
 async def test_the_adapter_answers_sixteen_at_once_as_it_answers_them_one_by_one():
