@@ -369,7 +369,8 @@ class _Sender:
 def serving_config(config,                  # `Settings`
                    cores:int|None=None,     # default: `os.cpu_count()`
                   ):
-    "The settings of a serving process that keeps its own torch work on one thread: the custom engine takes every core, unless `custom_threads` was set"
-    if "custom_threads" in config.model_fields_set: return config  # set in the environment, an env file or by hand
-    return config.model_copy(update=dict(custom_threads=max(1, min(256, cores or os.cpu_count() or 1))))
+    "The settings of a serving process that keeps its own torch work on one thread: the active model's engine takes every core"
+    field = {"custom": "custom_threads", "qlora": "qlora_threads"}.get(config.llm_model_version.partition("_")[0])
+    if field is None or field in config.model_fields_set: return config  # a cascade or Gemini; or set by hand
+    return config.model_copy(update={field: max(1, min(256, cores or os.cpu_count() or 1))})
 

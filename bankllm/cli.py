@@ -142,9 +142,9 @@ def cmd_serve(a)->int:
     try: cfg = _config(a)
     except FileNotFoundError as e: return _err(str(e), 2)
     torch.set_num_threads(1)  # the server's own threads do no tensor work: the model's engine is the one OpenMP team
-    cfg = serving_config(cfg)  # ... and takes every core, unless BANKLLM_CUSTOM_THREADS says otherwise
+    cfg = serving_config(cfg)  # ... and the active model's engine takes every core, unless a setting says otherwise
     print(f"bankllm: serving {cfg.llm_model_version} on http://{a.host}:{a.port}  (docs: /docs, OpenAI base URL: /v1; "
-          f"custom model engine: {cfg.custom_threads} torch thread(s))", file=sys.stderr)
+          f"engine torch threads: custom {cfg.custom_threads}, qlora {cfg.qlora_threads})", file=sys.stderr)
     uvicorn.run(create_app(config=cfg), host=a.host, port=a.port, log_level=a.log_level)
     return 0
 

@@ -152,6 +152,7 @@ class Settings(BaseSettings):
     qlora_remote_model: str = "bank"    # the model name on that server: the LoRA module name of `vllm serve --lora-modules`
     qlora_load_in_4bit: bool = True     # transformers engine: serve the base in 4-bit NF4, as it was fine-tuned
     qlora_max_batch: int = Field(16, ge=1, le=256)  # transformers engine: answers decoded together, one forward pass a token
+    qlora_threads: int|None = Field(1, ge=1, le=256)  # transformers engine: torch CPU threads of its driver thread (07b_batching, section 5); None: torch's default
     # Gemini
     gemini_api_key: SecretStr|None = Field(None,
         validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY", "gemini_api_key"))

@@ -117,7 +117,7 @@ class _QueueCollector(Collector):
                                  ("bankllm_batch_mean_occupancy", "Mean sequences per decode step since the model loaded.", "mean_batch"),
                                  ("bankllm_batch_engine_threads", "Torch CPU threads of the thread that runs a model's decode steps.", "threads")]:
             fam = GaugeMetricFamily(name, help_, labels=["model"])
-            for m, b in batches.items(): fam.add_metric([m], b[key] or 0)
+            for m, b in batches.items(): fam.add_metric([m], b.get(key) or 0)
             yield fam
         yield CounterMetricFamily("bankllm_model_evictions", "Idle models evicted from the cache (BANKLLM_MAX_MODELS).",
                                   value=ModelFactory.evictions)

@@ -164,7 +164,7 @@ def test_serve_gives_the_custom_engine_every_core(tmp_path):
     finally:
         p.terminate()
         err = p.communicate(timeout=30)[1]
-    assert f"custom model engine: {os.cpu_count()} torch thread(s)" in err
+    assert f"engine torch threads: custom {os.cpu_count()}, qlora 1" in err
 
 
 def test_an_explicit_engine_threads_setting_wins_over_the_serving_layout():
@@ -173,3 +173,6 @@ def test_an_explicit_engine_threads_setting_wins_over_the_serving_layout():
     assert serving_config(get_config(), cores=6).custom_threads == 6
     assert serving_config(get_config(custom_threads=1), cores=6).custom_threads == 1
     assert serving_config(get_config(), cores=1000).custom_threads == 256  # the setting's own bound
+    q = serving_config(get_config(llm_model_version="qlora_vllm_finetuned_model_v1.2.0"), cores=6)
+    assert (q.qlora_threads, q.custom_threads) == (6, 1)  # only the active model's engine takes the cores
+    assert serving_config(get_config(llm_model_version="gemini_3.5_flash_v1.0.0"), cores=6).custom_threads == 1

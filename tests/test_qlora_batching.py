@@ -41,8 +41,8 @@ def adapter(tmp_path_factory):
 @pytest.fixture(scope="module")
 def make(adapter):
     engines = []
-    def make(max_batch=16, quantize=False):
-        e = TransformersEngine(adapter[0], str(adapter[1]), quantize=quantize, device="cpu", max_batch=max_batch)
+    def make(max_batch=16, quantize=False, threads=1):
+        e = TransformersEngine(adapter[0], str(adapter[1]), quantize=quantize, device="cpu", max_batch=max_batch, threads=threads)
         e.stops = set()  # a random model says its end token early; without it every answer runs to `max_tokens`
         engines.append(e); return e
     yield make
@@ -75,6 +75,15 @@ async def test_batched_greedy_answers_equal_the_answers_one_by_one(make):
     assert one_by_one == ref and list(together) == ref
     assert eng.batch_stats()["most_rows"] == len(PROMPTS)
     assert len({tuple(a) for a in ref}) > 1  # the prompts lead to different answers
+
+
+async def test_the_driver_runs_torch_on_the_threads_it_is_given(make):
+    "One thread by default (`BANKLLM_QLORA_THREADS`): one OpenMP team per process (07b_batching, section 5)"
+    for threads in (1, 2):
+        eng = make(threads=threads)
+        await answer(eng, PROMPTS[0], n=2)
+        assert eng.batch_stats()["threads"] == threads
+    assert get_config().qlora_threads == 1
 
 
 async def test_answers_that_join_mid_flight_or_wait_for_a_row_are_unchanged(make):

@@ -3,12 +3,12 @@
     BANKLLM_DATA_DIR=... python tools/qlora_batching.py [--rounds 3] [--max-tokens 32]
     BANKLLM_UPDATE_SHIPPED=1 python tools/qlora_batching.py     # write the shipped benchmarks/qlora_batching.json
 
-The shipped adapter (`SHIPPED_QLORA_VERSION`) on its base, served in-process by `QLoRAAdapter` (the
-transformers engine, CPU, the process's default torch threads), answers the same 16 questions greedily with
-`max_tokens` each, in every mode of one run: one request at a time; 8 at a time; all 16 at once; and all 16 at once
-with `max_batch=1` (one row: what concurrent clients got before the engine batched). Modes are interleaved round by
-round and the best round of each is kept. Every mode's answers are compared with the one-at-a-time answers, token for
-token. Done twice: base in 4-bit NF4 (as served) and in full precision (float32).
+The shipped adapter (`SHIPPED_QLORA_VERSION`) on its base, served in-process by `QLoRAAdapter` (the transformers
+engine, CPU, its driver thread on `BANKLLM_QLORA_THREADS` torch threads, 1 by default), answers the same 16
+questions greedily with `max_tokens` each, in every mode of one run: one request at a time; 8 at a time; all 16 at
+once; and all 16 at once with `max_batch=1` (one row: what concurrent clients got before the engine batched). Modes
+are interleaved round by round and the best round of each is kept. Every mode's answers are compared with the
+one-at-a-time answers, token for token. Done twice: base in 4-bit NF4 (as served) and in full precision (float32).
 
 Without `BANKLLM_UPDATE_SHIPPED=1` the JSON goes to a scratch copy (`bankllm.config.record_path`), never over the
 shipped record.
@@ -90,7 +90,7 @@ def main():
     args = ap.parse_args()
     res = dict(adapter=SHIPPED_QLORA_VERSION, engine="transformers", device="cpu", questions=len(QUESTIONS),
                max_tokens=args.max_tokens, greedy=True, rounds=args.rounds, torch=torch.__version__,
-               torch_threads=torch.get_num_threads(), cpus=os.cpu_count(), machine=platform.machine(),
+               torch_threads=torch.get_num_threads(), driver_threads=get_config().qlora_threads, cpus=os.cpu_count(), machine=platform.machine(),
                measured=time.strftime("%Y-%m-%d"))
     for label, four_bit in (("nf4", True), ("fp32", False)):
         res[label] = asyncio.run(sweep(four_bit, args.rounds, args.max_tokens))

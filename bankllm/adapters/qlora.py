@@ -129,10 +129,11 @@ def _stop_ids(model, tok)->set[int]:
 class TransformersEngine:
     "Base + LoRA adapter with transformers and peft; one driver thread decodes every answer in flight together"
     def __init__(self, adapter:str|Path, base:str|None, quantize:bool, device:str="auto",
-                 max_batch:int=16):  # answers decoded together; more wait for a free row
+                 max_batch:int=16,         # answers decoded together; more wait for a free row
+                 threads:int|None=1):      # torch CPU threads of the driver thread (None: as torch starts it)
         if quantize and importlib.util.find_spec("bitsandbytes") is None: quantize = False  # serve in full precision
         self.model, self.tok = load_adapted(adapter, base, quantize=quantize, device=device)
-        self.quantized, self.stops, self.max_batch = quantize, _stop_ids(self.model, self.tok), max_batch
+        self.quantized, self.stops, self.max_batch, self.threads = quantize, _stop_ids(self.model, self.tok), max_batch, threads
         self.context = getattr(self.model.config, "max_position_embeddings", None) or 2048
         # transformers 5.2x renamed `past_key_values` to `cache` (in and out); support both
         fwd = inspect.signature(self.model.get_base_model().forward).parameters
@@ -231,6 +232,8 @@ def _fail(self:TransformersEngine, e:Exception):
 @patch
 def _drive(self:TransformersEngine):
     "The only thread that touches the model: admit newcomers while rows are free, then one step for all"
+    if self.threads: torch.set_num_threads(self.threads)  # one OpenMP team per process (07b_batching, section 5)
+    self.counts["threads"] = torch.get_num_threads()        # what the driver runs on, for `batch_stats`
     while True:
         with self.cv:
             while not self.inbox and not self.batch.rows:
@@ -314,7 +317,8 @@ class TextDeltas:
 def _load(self:QLoRAAdapter):
     if self.engine == "transformers":
         self._impl = TransformersEngine(self._adapter_dir(), self.base, self.config.qlora_load_in_4bit,
-                                        self.config.device, max_batch=self.config.qlora_max_batch)
+                                        self.config.device, max_batch=self.config.qlora_max_batch,
+                                        threads=self.config.qlora_threads)
     elif self.engine == "vllm": self._impl = VLLMEngine(self._adapter_dir(), self.base, self.config)
     elif self.engine == "openai": self._impl = self._impl or OpenAIEngine(self.config)
     else: raise ModelUnavailableError(f"unknown QLoRA engine {self.engine!r}: use vllm, transformers or openai")
