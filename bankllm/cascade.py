@@ -346,4 +346,4 @@ def cascade_goal(sweep:pd.DataFrame, singles:pd.DataFrame)->dict:
                 most_accurate=dict(thresholds=top.thresholds, accuracy=float(top.accuracy), cost_per_1k=float(top.cost_per_1k_usd)))
 
 # %% ../nbs/23_cascade.ipynb #a1d7c4dd
-RECOMMENDED_CASCADE = "custom_model_built_0.1.0:0.63,qlora_vllm_finetuned_model_v1.1.0"  # the cheapest thresholds reaching the best single model's dev accuracy, on the models they were measured on (23_cascade)
+RECOMMENDED_CASCADE = "custom_model_built_0.1.0:0.63,qlora_vllm_finetuned_model_v1.2.0"  # the cheapest thresholds reaching the best single model's dev accuracy, on the models they were measured on (23_cascade)
