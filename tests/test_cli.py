@@ -143,7 +143,7 @@ def test_serve_gives_the_custom_engine_every_core(tmp_path):
     "`bankllm serve` keeps its own torch work on one thread and gives the custom model's engine every core (07b_batching)"
     import httpx
     from bankllm.testing import free_port
-    port, url = free_port(), None
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "BANKLLM_CUSTOM_THREADS"}
     env.update(ENABLE_BENCHMARKING="false", BANKLLM_BENCHMARK_LOG=str(tmp_path/"log.jsonl"))
     p = subprocess.Popen([sys.executable, "-c", "import sys; from bankllm.cli import main; sys.exit(main(sys.argv[1:]))",
