@@ -30,7 +30,8 @@ class ModelConfig:
     ffn_hidden: int|None = None     # SwiGLU hidden width; None: 8/3 * n_embd rounded up to a multiple of 32
     rope_theta: float = 10000.0     # RoPE base: larger stretches the slowest rotation over longer contexts
     norm_eps: float = 1e-5          # RMSNorm epsilon
-    dropout: float = 0.0            # attention and residual dropout while training
+    dropout: float = 0.0            # residual dropout (on the attention and FFN outputs) while training
+    attn_dropout: float = 0.0       # dropout on the attention weights while training (off the fused CPU kernel: slower)
     tie_embeddings: bool = True     # lm_head shares the token embedding matrix (saves vocab_size * n_embd params)
 
     def __post_init__(self):
@@ -108,7 +109,7 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attn_dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, start_pos:int=0, mask=None):
@@ -460,7 +461,7 @@ def decoder(self:BankingLLM,  # noqa: F811 (this replaces 03's step: the module 
            )->Callable[[int, int], torch.Tensor]:  # step(tok, pos) -> (V,) float32 next-token logits
     "Generation's cached step: `decode_step` with weights fetched once per answer (`forward` while dropout is on)"
     dev = self.rope_cos.device
-    if self.training and self.config.dropout > 0:  # NEW: decode_step has no dropout, so training keeps 03's step
+    if self.training and (self.config.dropout > 0 or self.config.attn_dropout > 0):  # NEW: decode_step has no dropout, so training keeps 03's step
         return lambda tok, pos: self(torch.tensor([[tok]], device=dev), cache=cache, start_pos=pos)[0][0, -1]
     dw = self.decode_weights()  # NEW: fetched once: the weights do not change in the middle of an answer
     return lambda tok, pos: self.decode_step(tok, cache, pos, dw)  # NEW: the fast step

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from bankllm.transformer import BankingLLM, KVCache, ModelConfig, count_params, hf_state_dict, llama_config_dict
+from bankllm.transformer import BankingLLM, CausalSelfAttention, KVCache, ModelConfig, count_params, hf_state_dict, llama_config_dict
 
 CONFIGS = {
     "mha": ModelConfig.tiny(),
@@ -125,10 +125,24 @@ def test_the_package_generates_with_the_fast_step():
     assert transformer.__all__.count("DecodeWeights") == 1 and "kv_cache_benchmark" in transformer.__all__
 
 
-def test_training_mode_with_dropout_uses_forward_and_still_generates():
-    m = lively(ModelConfig.tiny(dropout=0.5)).train()
+@pytest.mark.parametrize("kw", [dict(dropout=0.5), dict(attn_dropout=0.5)])
+def test_training_mode_with_dropout_uses_forward_and_still_generates(kw):
+    m = lively(ModelConfig.tiny(**kw)).train()
     g = m.generate([1, 2, 3], 10, temperature=0)
     assert len(g.ids) == 10 and getattr(m, "_decode_weights", None) is None
+
+
+@pytest.mark.parametrize("kw, attn_p", [(dict(dropout=0.3), 0.0), (dict(attn_dropout=0.3), 0.3)])
+def test_dropout_is_residual_and_attention_dropout_is_its_own(kw, attn_p):
+    "`dropout` drops the attention and FFN outputs; only `attn_dropout` drops attention weights (off the fused kernel)"
+    m = lively(ModelConfig.tiny(**kw))
+    assert {a.dropout for a in m.modules() if isinstance(a, CausalSelfAttention)} == {attn_p}
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.manual_seed(0); a = m.train()(x)[0]
+    torch.manual_seed(1); b = m(x)[0]
+    assert not torch.equal(a, b)  # training: random drops
+    m.eval(); assert torch.equal(m(x)[0], m(x)[0])  # evaluation: none
+    assert ModelConfig.from_dict({k: v for k, v in m.config.to_dict().items() if k != "attn_dropout"}).attn_dropout == 0.0
 
 
 def test_decode_step_checks_positions():
