@@ -10,7 +10,7 @@ __all__ = ['CHAT_TEMPLATE', 'RECIPES', 'SHIPPED_VERSION', 'SHIPPED_MODEL_CONFIG'
            'max_answer_at', 'pick_device', 'cpu_has_bf16', 'autocast_dtype', 'answer_text', 'stratified_head',
            'dev_loss', 'quick_topic_accuracy', 'TrainResult', 'select_best', 'train', 'plot_history', 'checkpoints_dir',
            'save_checkpoint', 'shipped_folder', 'resolve_checkpoint', 'load_checkpoint', 'training_record',
-           'find_artifact', 'hf_tokenizer', 'export_hf', 'hardware_facts', 'train_custom_model']
+           'find_artifact', 'hf_tokenizer', 'export_hf', 'hardware_facts', 'train_custom_model', 'bitext_fit']
 
 # %% ../nbs/07_training.ipynb #68e11aea
 import inspect, json, math, os, platform, random, time
@@ -464,3 +464,17 @@ RECIPES = {  # version -> (model config, train config, `training_mix` arguments 
 }
 SHIPPED_VERSION = "custom_model_built_0.1.0"  # the default custom model
 SHIPPED_MODEL_CONFIG, SHIPPED_TRAIN_CONFIG, SHIPPED_MIX = RECIPES[SHIPPED_VERSION]
+
+# %% ../nbs/07_training.ipynb #fitcd01
+def bitext_fit(checkpoint:str|Path,  # a shipped checkpoint's name, or a folder
+               data_dir=None,        # default: the data-dir setting
+               n:int=384,            # chats from each split (the Bitext dev split has 384)
+               seed:int=0,
+              )->dict:               # answer-only loss (nats/token) on `train` and `dev` chats, and the `gap`
+    "How much of Bitext's training answers a checkpoint learned by heart: its loss on `n` training chats against `n` dev chats"
+    model, tok = load_checkpoint(checkpoint)
+    loss = lambda pairs: dev_loss(model, make_examples(tok, pairs, model.config.block_size), tok.pad_id,
+                                  max_batches=math.ceil(len(pairs) / 32))
+    tr, dv = bitext_pairs("train", data_dir), bitext_pairs("dev", data_dir)
+    fit = dict(train=loss(tr.sample(min(n, len(tr)), random_state=seed)), dev=loss(dv.head(n)))
+    return {**{k: round(v, 3) for k, v in fit.items()}, "gap": round(fit["dev"] - fit["train"], 3)}

@@ -107,3 +107,24 @@ def test_the_anneal_phase_draws_only_its_own_examples(tok, monkeypatch):
     training.train(model, tok, main, ex, cfg, progress=False, anneal_ex=last)
     assert all(s <= {id(e) for e in main} for s in seen[:6])  # the first 6 steps: the main examples only
     assert seen[6:8] == [{id(last[0])}] * 2                   # the last quarter: the anneal examples only
+
+
+def test_each_recipe_is_what_its_shipped_checkpoint_was_trained_with():
+    "`RECIPES` reproduces the shipped checkpoints: the same model config, train config and mix as their records"
+    from dataclasses import asdict
+    from bankllm.training import RECIPES, _mix_arguments, training_record
+    for version, (mc, tc, mix) in RECIPES.items():
+        rec = training_record(version)
+        assert rec["version"] == version and ModelConfig.from_dict(rec["model_config"]) == mc, version
+        want = {k: json_list(v) for k, v in asdict(tc).items()}
+        got = {k: json_list(v) for k, v in rec["train_config"].items() if k != "device"}  # older records lack newer fields
+        assert {k: want[k] for k in got} == got, version
+        if mix is None: assert "mix" not in rec["data"]
+        else:
+            shared = set(rec["data"]["mix"]) & set(_mix_arguments(mix))
+            assert {k: rec["data"]["mix"][k] for k in shared} == {k: _mix_arguments(mix)[k] for k in shared}, version
+
+
+def json_list(v):
+    "A record's value as `asdict` would give it after a JSON round trip (tuples become lists)"
+    return [json_list(x) for x in v] if isinstance(v, (list, tuple)) else v
