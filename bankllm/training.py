@@ -474,7 +474,7 @@ def bitext_fit(checkpoint:str|Path,  # a shipped checkpoint's name, or a folder
     "How much of Bitext's training answers a checkpoint learned by heart: its loss on `n` training chats against `n` dev chats"
     model, tok = load_checkpoint(checkpoint)
     loss = lambda pairs: dev_loss(model, make_examples(tok, pairs, model.config.block_size), tok.pad_id,
-                                  max_batches=math.ceil(len(pairs) / 32))
+                                  max_batches=len(pairs))  # every chat, whatever the batch size
     tr, dv = bitext_pairs("train", data_dir), bitext_pairs("dev", data_dir)
     fit = dict(train=loss(tr.sample(min(n, len(tr)), random_state=seed)), dev=loss(dv.head(n)))
     return {**{k: round(v, 3) for k, v in fit.items()}, "gap": round(fit["dev"] - fit["train"], 3)}

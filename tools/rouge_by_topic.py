@@ -2,15 +2,15 @@
 
     BANKLLM_DATA_DIR=... python tools/rouge_by_topic.py OUT.json NAME=CHECKPOINT [NAME=CHECKPOINT ...]
 
-Each checkpoint (a shipped name or a folder) answers the 384 Bitext dev questions greedily (384 tokens, the custom
-adapter with placeholders left in, as `evaluate_checkpoint` does). Writes `record_path(OUT.json)`: a scratch copy
+Each checkpoint (a shipped name or a folder) answers the 384 Bitext dev questions greedily (the default `max_tokens`
+setting, the custom adapter with placeholders left in, as `evaluate_checkpoint` does). Writes `record_path(OUT.json)`: a scratch copy
 unless BANKLLM_UPDATE_SHIPPED=1. `07_training` reads the shipped `benchmarks/rouge_by_topic.json`.
 """
 import asyncio, json, sys, time
 from pathlib import Path
 
 from bankllm.adapters.custom import CustomAdapter
-from bankllm.config import record_path
+from bankllm.config import get_config, record_path
 from bankllm.data import eval_sets
 from bankllm.evaluation import default_classifier, evaluate, lcs_length, word_tokens
 from bankllm.training import resolve_checkpoint
@@ -28,15 +28,15 @@ def split(rows, refs)->dict:
 
 async def main(out:Path, named:dict[str, str]):
     clf, bitext = default_classifier(), eval_sets("dev")["bitext"]
-    runs = {}
+    runs, max_tokens = {}, get_config().default_max_tokens
     for name, ck in named.items():
         d = resolve_checkpoint(ck)
-        rep = await evaluate(CustomAdapter(d.name, checkpoint=d, fill_placeholders=False), bitext, clf, 384, concurrency=16)
+        rep = await evaluate(CustomAdapter(d.name, checkpoint=d, fill_placeholders=False), bitext, clf, max_tokens, concurrency=16)
         runs[name] = split(rep.rows.reset_index(drop=True), bitext.answer.reset_index(drop=True))
         print(name, json.dumps(runs[name]), flush=True)
     path = record_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(measured=time.strftime("%Y-%m-%d"), max_tokens=384,
+    path.write_text(json.dumps(dict(measured=time.strftime("%Y-%m-%d"), max_tokens=max_tokens,
                                     reference_words=sum(len(word_tokens(a)) for a in bitext.answer) / len(bitext), runs=runs),
                                indent=2) + "\n")
     print("wrote", path)
