@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 
+from .beam import BeamSearch
 from .transformer import BankingLLM, DecodeWeights, KVCache, check_sampling, next_token
 
 # %% ../nbs/07b_batching.ipynb #09bbed92
@@ -171,12 +172,32 @@ class SeqRequest:
     new: int = 0                            # tokens generated so far
     last: int = -1                          # the latest token: fed to the next step
     done: bool = False
+    beams: int = 1                          # > 1: beam search (temperature 0) in this many rows (07c_beam_search)
+    length_penalty: float = 1.0             # beam search: hypotheses ranked by log-prob sum / tokens ** this
+    search: BeamSearch|None = None          # beam search: its hypotheses, made at prefill
+
+class _Row:
+    "One beam of a beam-search request in a row of the batch: `j` is its hypothesis in `req.search.live`"
+    __slots__ = ("req", "j")
+    def __init__(self, req:SeqRequest, j:int): self.req, self.j = req, j
+    n = property(lambda self: self.req.n)  # the beams of a request advance together: one length for all
+    done = property(lambda self: self.req.done)
+    cancelled = property(lambda self: self.req.cancelled)
+    last = property(lambda self: self.req.search.live[self.j].toks[-1])
+
+def _request(x)->SeqRequest: return x.req if isinstance(x, _Row) else x
+
+def _requests(rows)->list[SeqRequest]:
+    "Each request of `rows` once (a beam search holds several rows)"
+    return list({id(r): r for r in map(_request, rows)}.values())
 
 def _check(r:SeqRequest, block_size:int):
     "The same argument checks as `stream_generate`, before a request joins"
     check_sampling(r.temperature, r.top_k, r.top_p)
     if not r.ids: raise ValueError("the prompt must hold at least one token")
     if len(r.ids) > block_size: raise ValueError(f"a prompt of {len(r.ids)} tokens does not fit block_size={block_size}")
+    if r.beams < 1: raise ValueError(f"beams must be at least 1, got {r.beams}")
+    if r.beams > 1 and r.temperature != 0: raise ValueError("beam search is deterministic: it needs temperature 0")
 
 # %% ../nbs/07b_batching.ipynb #7ef7075f
 class BatchScheduler:
@@ -199,6 +220,7 @@ class BatchScheduler:
     def submit(self, r:SeqRequest)->SeqRequest:
         "Queue `r`; it joins the batch before the next step"
         _check(r, self.model.config.block_size)
+        if r.beams > self.max_batch: raise ValueError(f"{r.beams} beams do not fit a batch of {self.max_batch} rows")
         with self._cv:
             if self._closed: raise RuntimeError(f"{self.name} is closed")
             self._pending.append(r)
@@ -234,10 +256,13 @@ def _take(self:BatchScheduler)->list[SeqRequest]|None:
     with self._cv:
         while not self._pending and not self.active and not self._closed: self._cv.wait()
         if self._closed:
-            for r in [*self._pending, *self.active]: _emit(r, RuntimeError(f"{self.name} closed"))
+            for r in [*self._pending, *_requests(self.active)]: _emit(r, RuntimeError(f"{self.name} closed"))
             self._pending.clear(); self.active.clear()
             return None
-        return [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch - len(self.active)))]
+        free, out = self.max_batch - len(self.active), []
+        while self._pending and self._pending[0].beams <= free:  # in order: a beam search waits for its rows
+            out.append(self._pending.popleft()); free -= out[-1].beams
+        return out
 
 @patch
 def _run(self:BatchScheduler):
@@ -253,7 +278,7 @@ def _run(self:BatchScheduler):
                 self._flush()
             except Exception as e:  # a bug or out of memory: every sequence in the batch fails, the thread lives on
                 self._flush()
-                for r in self.active: _emit(r, e)
+                for r in _requests(self.active): _emit(r, e)
                 self.active.clear()
 
 @patch
@@ -291,7 +316,7 @@ def _prefill(self:BatchScheduler, joining:list[SeqRequest]):
         else: go.append(r)
     self._out += [(r, None) for r in joining if r.done]  # nothing to make: ended without taking a row
     first = len(self.active)
-    self.active += go
+    self.active += [_Row(r, 0) if r.beams > 1 else r for r in go]  # a beam search starts in one row
     if not go: return
     self._dw = self.model.decode_weights()  # checked as requests join (as `stream_generate` checks once per answer)
     if len(go) == 1:  # one newcomer: `forward` on its row, as `stream_generate` prefills
@@ -299,7 +324,11 @@ def _prefill(self:BatchScheduler, joining:list[SeqRequest]):
         logits = self.model(ids, cache=self._cache.rows(first))[0][:, -1]
     else: logits = self.model.prefill_rows([r.ids for r in go], self._cache, first)
     self.prefills += len(go)
-    for r, lg in zip(go, logits): self._accept(r, *next_token(lg, r.temperature, r.top_k, r.top_p, r.generator))
+    for b, (r, lg) in enumerate(zip(go, logits), first):
+        if r.beams == 1: self._accept(r, *next_token(lg, r.temperature, r.top_k, r.top_p, r.generator))
+        else:
+            r.search = BeamSearch(r.beams, r.length_penalty, r.stop_ids, r.max_new_tokens)
+            self._beam(r, [b], lg[None])
 
 @patch
 def _step(self:BatchScheduler):
@@ -315,14 +344,37 @@ def _step(self:BatchScheduler):
         pos = torch.tensor([r.n - 1 for r in rows], dtype=torch.long, device=dev)
         logits = m.decode_batch(toks, pos, self._cache, self._dw)  # (B, V)
     self.steps, self.rows_stepped, self.max_rows = self.steps + 1, self.rows_stepped + len(rows), max(self.max_rows, len(rows))
-    greedy = [b for b, r in enumerate(rows) if r.temperature == 0]
+    beams = {}  # beam-search request -> its rows, in the order of its hypotheses
+    for b, x in enumerate(rows):
+        if isinstance(x, _Row): beams.setdefault(x.req, []).append(b)
+    for r, bs in beams.items():
+        bs.sort(key=lambda b: rows[b].j)
+        self._beam(r, bs, logits[bs])
+    greedy = [b for b, r in enumerate(rows) if not isinstance(r, _Row) and r.temperature == 0]
     if greedy:  # one argmax and one log-softmax for all greedy rows
         lg = logits if len(greedy) == len(rows) else logits[torch.tensor(greedy, device=dev)]
         best = lg.argmax(-1)
         lps = F.log_softmax(lg, dim=-1).gather(1, best[:, None])[:, 0]
         for b, t, lp in zip(greedy, best.tolist(), lps.tolist()): self._accept(rows[b], t, lp)
     for b, r in enumerate(rows):
-        if r.temperature > 0: self._accept(r, *next_token(logits[b], r.temperature, r.top_k, r.top_p, r.generator))
+        if not isinstance(r, _Row) and r.temperature > 0: self._accept(r, *next_token(logits[b], r.temperature, r.top_k, r.top_p, r.generator))
+
+@patch
+def _beam(self:BatchScheduler, r:SeqRequest, rows:list[int], logits:torch.Tensor):
+    "One beam-search step of `r` from its rows' logits (in hypothesis order): rows follow their hypotheses; emit what is certain"
+    src = r.search.advance(F.log_softmax(logits, dim=-1))
+    while len(rows) < len(src):  # after the prompt: one row becomes `beams` rows (`_take` kept them free)
+        self.active.append(_Row(r, len(rows))); rows.append(len(self.active) - 1)
+    if src != list(range(len(src))):  # hypothesis i continues hypothesis src[i]: row i gets that row's past
+        dev = self._cache.k[0].device
+        dst, frm = torch.tensor(rows[:len(src)], device=dev), torch.tensor([rows[s] for s in src], device=dev)
+        for t in self._cache.k + self._cache.v: t[dst, :, :r.n] = t[frm, :, :r.n]
+    r.n, r.new = r.n + 1, r.new + 1
+    final = r.search.done or r.n >= self.model.config.block_size
+    out = r.search.certain(final)  # the tokens every hypothesis still in the running starts with; at the end, the best
+    self.tokens += len(out)
+    self._out += [(r, x) for x in out]
+    if final: r.done = True; self._out.append((r, None))
 
 @patch
 def _leave(self:BatchScheduler):
@@ -331,7 +383,7 @@ def _leave(self:BatchScheduler):
     while b < len(self.active):
         r = self.active[b]
         if not (r.done or r.cancelled): b += 1; continue
-        if r.done and not r.cancelled: self._out.append((r, None))
+        if r.done and not r.cancelled and not isinstance(r, _Row): self._out.append((r, None))  # a beam search ends in `_beam`
         last = self.active.pop()
         if b < len(self.active):  # the freed row was not the last: fill it with the last one
             self._cache.move_row(len(self.active), b, last.n)

@@ -540,6 +540,7 @@ async def dev_goals(adapter:ModelAdapter,         # the model to report on
                     scope_per_intent:int|None=3,  # unmapped BANKING77 dev queries per intent in the scope set
                     progress:bool=False,
                     concurrency:int=1,            # questions in flight at once (a model that batches answers them together)
+                    greedy:bool=True,             # with beam search on: also a "<version>, greedy" row, decoding greedily
                    )->pd.DataFrame:               # `goals_table` rows; `attrs`: run facts, sets, AUROC, calibration
     "The goals table of `adapter` on the dev sets, with the baselines, ready for `save_quality`"
     clf, sets = default_classifier(data_dir), eval_sets("dev", data_dir, scope_per_intent=scope_per_intent)
@@ -547,12 +548,20 @@ async def dev_goals(adapter:ModelAdapter,         # the model to report on
     t0 = time.perf_counter()
     reps = await evaluate_sets(adapter, sets, clf, max_tokens, concurrency=concurrency, progress=progress)
     secs = time.perf_counter() - t0
-    results = {adapter.version: reps, **(set_baselines(training_mix(data_dir), sets, clf) if baselines else {})}
+    beams = adapter.config.num_beams if adapter.beam_search else 1
+    facts = run_facts(adapter, sum(map(len, sets.values())), secs, num_beams=beams,
+                      **(dict(length_penalty=adapter.config.length_penalty) if beams > 1 else {}))
+    results = {adapter.version: reps}
+    if greedy and beams > 1:  # the same weights, one token at a time: what the search adds
+        cfg, adapter.config = adapter.config, adapter.config.model_copy(update=dict(num_beams=1))
+        try: results[f"{adapter.version}, greedy"] = await evaluate_sets(adapter, sets, clf, max_tokens, concurrency=concurrency)
+        finally: adapter.config = cfg
+    if baselines: results.update(set_baselines(training_mix(data_dir), sets, clf))
     table = goals_table(results)
     cal = _calibration_records(reps)
     known = [r for r in cal if r["confidence"] is not None]
     both = {r["correct"] for r in known} == {True, False}
-    table.attrs.update(run_facts(adapter, sum(map(len, sets.values())), secs), sets={k: len(s) for k, s in sets.items()},
+    table.attrs.update(facts, sets={k: len(s) for k, s in sets.items()},
                        max_tokens=max_tokens,
                        auroc_real=round(auroc([r["confidence"] for r in known], [r["correct"] for r in known]), 4) if both else None,
                        calibration=cal)

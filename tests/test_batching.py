@@ -6,6 +6,7 @@ import torch
 
 from bankllm.adapters.custom import CustomAdapter
 from bankllm.batching import BatchScheduler, SeqRequest, packed_weights
+from bankllm.beam import beam_search
 from bankllm.config import get_config
 from bankllm.transformer import BankingLLM, ModelConfig
 
@@ -127,6 +128,43 @@ def test_the_scheduler_gives_each_request_what_generate_gives_it_alone(max_batch
     st = sched.stats()
     assert st["max_batch_seen"] <= max_batch and st["active"] == st["waiting"] == 0
     if max_batch > 1: assert st["max_batch_seen"] > 1 and st["mean_batch"] > 1
+    sched.close()
+
+
+@pytest.mark.parametrize("max_batch", [4, 9])
+def test_beam_searches_in_the_batch_equal_beam_search_alone(max_batch):
+    "Beam requests (rows copied every step, moved when others leave) give `beam_search`'s tokens, beside greedy ones"
+    cfg = ModelConfig.tiny(block_size=48, n_head=4, n_kv_head=2)
+    m = peaked(cfg, seed=1)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in [3, 9, 1, 30, 14, 44]]
+    stops = frozenset({7, 11})
+    spec = [(4, 20, 2.0), (1, 15, 1.0), (3, 30, 0.0), (2, 25, 1.0), (4, 12, 2.0), (4, 10, 1.0)]  # beams, max_new, penalty
+    reqs = [(p, n, dict(stop_ids=stops, beams=b, length_penalty=a)) for p, (b, n, a) in zip(prompts, spec)]
+    sched = BatchScheduler(m, max_batch=max_batch)
+    outs, ends = run(sched, reqs)
+    for p, (b, n, a), o in zip(prompts, spec, outs):
+        ref = beam_search(m, p, b, n, a, stops) if b > 1 else m.generate(p, n, temperature=0, stop_ids=stops)
+        assert [t for t in o if t not in stops] == ref.ids
+        assert (o[-1] in stops) == (ref.finish_reason == "stop") if o else ref.ids == []
+    assert all(e is None for e in ends)
+    st = sched.stats()
+    assert st["max_batch_seen"] <= max_batch and st["active"] == st["waiting"] == 0
+    sched.close()
+
+
+def test_one_beam_without_length_penalty_is_greedy_and_beams_refuse_sampling():
+    m = peaked(ModelConfig.tiny(), seed=4)
+    g = torch.Generator().manual_seed(1)
+    for n in [2, 7, 19]:
+        p = torch.randint(0, m.config.vocab_size, (n,), generator=g).tolist()
+        one, greedy = beam_search(m, p, 1, 30, 0.0, {7}), m.generate(p, 30, temperature=0, stop_ids={7})
+        assert (one.ids, one.finish_reason) == (greedy.ids, greedy.finish_reason)
+    sched = BatchScheduler(m, max_batch=4)
+    with pytest.raises(ValueError, match="temperature 0"): sched.submit(SeqRequest([1, 2], 5, print, 0.7, beams=2))
+    with pytest.raises(ValueError, match="do not fit"): sched.submit(SeqRequest([1, 2], 5, print, 0.0, beams=5))
+    with pytest.raises(ValueError, match="at least 1"): sched.submit(SeqRequest([1, 2], 5, print, 0.0, beams=0))
+    with pytest.raises(ValueError): get_config(num_beams=9)  # the setting is bounded: 8 rows per answer at most
     sched.close()
 
 

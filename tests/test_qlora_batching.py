@@ -67,6 +67,31 @@ def alone(eng, ids, n=20):
     return out
 
 
+def beam_alone(eng, ids, beams, n, alpha):
+    "Beam search with a full forward pass per step (no cache, no engine): the reference"
+    from bankllm.beam import BeamSearch
+    s = BeamSearch(beams, alpha, eng.stops, n)
+    with torch.inference_mode():
+        logits = eng.model(input_ids=torch.tensor([ids])).logits[:, -1].float()
+        while True:
+            s.advance(logits.log_softmax(-1))
+            if s.done: return s.best().toks
+            logits = eng.model(input_ids=torch.tensor([ids + h.toks for h in s.live])).logits[:, -1].float()
+
+
+async def test_beam_searches_in_the_batch_equal_beam_search_alone(make):
+    "Beam requests share the batch with greedy ones, their cache rows reordered every step, and give the reference's tokens"
+    eng = make(max_batch=7)
+    eng.stops = {3, 17}  # so some hypotheses end early and wait as candidates
+    spec = [(4, 20, 2.0), (1, 20, 0.0), (3, 15, 1.0), (2, 25, 0.0)]
+    outs = await asyncio.gather(*[answer(eng, p, n, beams=b, length_penalty=a) for p, (b, n, a) in zip(PROMPTS, spec)])
+    for p, (b, n, a), o in zip(PROMPTS, spec, outs):
+        assert o == (beam_alone(eng, p, b, n, a) if b > 1 else (await answer(make(), p, n)))
+    assert eng.batch_stats()["most_rows"] <= 7
+    with pytest.raises(ValueError, match="temperature 0"): await answer(eng, PROMPTS[0], 5, temperature=0.5, beams=2)
+    eng.stops = set()
+
+
 async def test_batched_greedy_answers_equal_the_answers_one_by_one(make):
     eng = make()
     ref = [alone(eng, p) for p in PROMPTS]

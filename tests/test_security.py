@@ -535,3 +535,17 @@ def test_a_client_names_the_cascade_but_never_describes_one(tmp_path, name):
     assert r.status_code == 404 and err(r)["code"] == "model_not_found", r.text
     assert plain.status_code == 404 and "set BANKLLM_CASCADE" in err(plain)["message"], plain.text  # none configured
     assert not any(a.family in ("custom", "qlora", "gemini") for a in ModelFactory.loaded())
+
+
+def test_a_client_cannot_widen_the_beam_search(tmp_path):
+    "Beams are a server setting (each costs a batch row): a client's beam fields are refused (ours) or change nothing (OpenAI's)"
+    model = lambda cfg: custom_mod.CustomAdapter(CUSTOM, config=cfg)
+    with serve(tmp_path, model=model, llm_model_version=CUSTOM, num_beams=2) as srv:
+        r = httpx.post(f"{srv.url}/api/v1/chat", json={"message": "hi", "max_tokens": 4, "num_beams": 8}, timeout=60)
+        assert r.status_code in (400, 422) and "num_beams" in r.text, r.text
+        body = oa(CUSTOM, max_tokens=4) | {"temperature": 0, "num_beams": 8, "use_beam_search": True, "best_of": 8,
+                                           "length_penalty": 4.0}
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        stats = srv.pipe.model.batch_stats()
+    assert stats["max_batch_seen"] <= 2  # the configured two beams, not the eight asked for

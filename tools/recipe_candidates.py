@@ -8,8 +8,10 @@ training chats against dev chats) is recorded beside. Writes `record_path(OUT.js
 scratch copy unless BANKLLM_UPDATE_SHIPPED=1. `07_training` reads the shipped `benchmarks/recipe_0.2.0.json`,
 `recipe_answer_cap.json` and `recipe_dropout.json`.
 """
-import asyncio, json, sys, time
+import asyncio, json, os, sys, time
 from pathlib import Path
+
+os.environ.setdefault("BANKLLM_NUM_BEAMS", "1")  # greedy, as the recipe records were measured (07c_beam_search)
 
 from bankllm.adapters.custom import evaluate_checkpoint
 from bankllm.config import record_path

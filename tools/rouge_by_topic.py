@@ -6,8 +6,10 @@ Each checkpoint (a shipped name or a folder) answers the 384 Bitext dev question
 setting, the custom adapter with placeholders left in, as `evaluate_checkpoint` does). Writes `record_path(OUT.json)`: a scratch copy
 unless BANKLLM_UPDATE_SHIPPED=1. `07_training` reads the shipped `benchmarks/rouge_by_topic.json`.
 """
-import asyncio, json, sys, time
+import asyncio, json, os, sys, time
 from pathlib import Path
+
+os.environ.setdefault("BANKLLM_NUM_BEAMS", "1")  # greedy, as the recipe records were measured (07c_beam_search)
 
 from bankllm.adapters.custom import CustomAdapter
 from bankllm.config import get_config, record_path

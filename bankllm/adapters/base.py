@@ -231,6 +231,7 @@ class ModelAdapter:
     family: ClassVar[str] = "base"            # registry name, e.g. "custom"
     max_tokens_limit: ClassVar[int] = 4096    # the largest `max_tokens` a caller may ask for
     max_concurrency: ClassVar[int] = 8        # requests answered at once; the rest wait in the admission queue
+    beam_search: bool = False                 # temperature-0 answers use beam search (the `num_beams` setting, 07c_beam_search)
 
     def __init__(self,
                  version:str|None=None,        # version string, e.g. "custom_model_built_0.0.0"

@@ -33,6 +33,7 @@ def _checkpoint_for(version:str, config)->Path|FileNotFoundError:
 class CustomAdapter(ModelAdapter):
     "The from-scratch `BankingLLM` (a shipped or local checkpoint) behind the adapter contract"
     family = "custom"
+    beam_search = True  # temperature 0: the `num_beams` setting's beam search, in the scheduler's rows (07c_beam_search)
     def __init__(self, version:str|None=None, config=None,
                  checkpoint=None,                    # folder or shipped name (trusted); default: setting, else the version
                  fill_placeholders:bool|None=None):  # default: the `fill_placeholders` setting
@@ -79,12 +80,13 @@ class CustomAdapter(ModelAdapter):
 
 # %% ../../nbs/11_custom_adapter.ipynb #bef78f69
 @patch
-async def _tokens(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None):
-    "(token id, log-prob) pairs for one request, as the scheduler's steps make them"
+async def _tokens(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None, beams:int=1):
+    "(token id, log-prob) pairs for one request, as the scheduler's steps make them (with `beams` > 1: as they become certain)"
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
     inbox = self._inboxes.get(loop) or self._inboxes.setdefault(loop, LoopInbox(loop))
     gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-    req = SeqRequest(ids, max_tokens, inbox.sender(q), temperature, top_k, top_p, gen, frozenset(self.tok.stop_ids))
+    req = SeqRequest(ids, max_tokens, inbox.sender(q), temperature, top_k, top_p, gen, frozenset(self.tok.stop_ids),
+                     beams=beams, length_penalty=self.config.length_penalty)
     try:
         self.scheduler.submit(req)
         while (x := await q.get()) is not None:
@@ -107,7 +109,8 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     filler = PlaceholderFiller(self.config.placeholders, fill=self.fill)  # always: a cut answer drops an unfinished placeholder
     stops, logprobs, finish, text, t0, ttft = set(self.tok.stop_ids), [], "length", [], time.perf_counter(), None
-    async for tok, lp in self._tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed):
+    beams = min(self.config.num_beams, self.config.max_batch) if temperature == 0 else 1  # 07c_beam_search
+    async for tok, lp in self._tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed, beams):
         if tok in stops: finish = "stop"; break
         logprobs.append(lp)
         d = utf8.decode(self.tok.decode_bytes([tok], skip_special=True))

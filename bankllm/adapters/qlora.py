@@ -17,6 +17,7 @@ from typing import Callable
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from fastcore.basics import patch
 
 from .base import (AdapterError, AdapterTimeoutError, BadRequestError, Generation, ModelAdapter,
@@ -25,6 +26,7 @@ from ..config import get_config, record_path
 from ..data import ANSWER_ROOM, PlaceholderFiller, chat_messages, file_sha256, fit_history, system_prompt, system_with
 from ..evaluation import dev_goals, load_quality, save_quality
 from ..qlora import SHIPPED_QLORA_VERSION, adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
+from ..beam import BeamSearch
 from ..training import find_artifact
 from ..transformer import next_token
 
@@ -56,6 +58,7 @@ class QLoRAAdapter(ModelAdapter):
         super().__init__(version or SHIPPED_QLORA_VERSION, config)
         s = self.config
         self.engine = pick_engine(engine or s.qlora_engine, s.qlora_remote_url)
+        self.beam_search = self.engine == "transformers"  # vLLM and a remote server decode temperature 0 greedily
         self.adapter = _adapter_for(self.version, s)
         self.fill = s.fill_placeholders if fill_placeholders is None else fill_placeholders
         try: rec = adapter_record(self._adapter_dir())
@@ -169,6 +172,9 @@ class TokenRequest:
     last: int|None = None          # the newest token, the next step's input
     done: bool = False             # a stop token or `max_tokens`
     left: bool = False             # the client went away: its row is freed at the next step
+    beams: int = 1                 # > 1: beam search (temperature 0) in this many rows (07c_beam_search)
+    length_penalty: float = 1.0
+    search: BeamSearch|None = None # beam search: its hypotheses (row j of the request's rows holds live[j])
 
 @patch
 def _forward(self:TransformersEngine, ids:torch.Tensor, kv:KV|None=None, mask=None, positions=None)->tuple[torch.Tensor, KV]:
@@ -198,8 +204,12 @@ def _admit(self:TransformersEngine, new:list[TokenRequest]):
         try: logits, kv = self._forward(torch.tensor([r.ids], device=dev))
         except Exception as e: r.put(AdapterError(f"the QLoRA model failed on a prompt: {type(e).__name__}: {e}")); continue
         self.counts["prefills"] += 1
-        self._emit(r, logits[0])
-        if not (r.done or r.left): rows.append(r); parts.append((kv, torch.ones(1, len(r.ids), dtype=torch.long, device=dev)))
+        if r.beams > 1:  # the prompt's row becomes one row per live hypothesis
+            r.search = BeamSearch(r.beams, r.length_penalty, self.stops, r.max_tokens)
+            n = len(self._beam(r, logits[:1]))
+            kv = [(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous()) for k, v in kv]
+        else: self._emit(r, logits[0]); n = 1
+        if not (r.done or r.left): rows += [r] * n; parts.append((kv, torch.ones(n, len(r.ids), dtype=torch.long, device=dev)))
     if len(rows) > len(b.rows): b.kv, b.mask = join_rows(parts); b.rows = rows
 
 @patch
@@ -207,11 +217,32 @@ def _step(self:TransformersEngine):
     "One forward pass: every row's newest token in, one more token out for each"
     b = self.batch
     mask = torch.cat([b.mask, b.mask.new_ones(len(b), 1)], 1)
-    ids = torch.tensor([[r.last] for r in b.rows], device=b.mask.device)
-    logits, b.kv = self._forward(ids, b.kv, mask, b.positions())
+    groups = {}  # beam-search request -> its rows, in hypothesis order (rows keep their order in the batch)
+    for i, r in enumerate(b.rows):
+        if r.beams > 1: groups.setdefault(r, []).append(i)
+    last = [r.last if r.beams == 1 else r.search.live[groups[r].index(i)].toks[-1] for i, r in enumerate(b.rows)]
+    logits, b.kv = self._forward(torch.tensor(last, device=b.mask.device)[:, None], b.kv, mask, b.positions())
     b.mask = mask
     c = self.counts; c["steps"] += 1; c["row_steps"] += len(b); c["most_rows"] = max(c["most_rows"], len(b))
-    for r, row in zip(b.rows, logits): self._emit(r, row)
+    for r, row in zip(b.rows, logits):
+        if r.beams == 1: self._emit(r, row)
+    order = list(range(len(b)))  # row i of the next step's cache: row order[i] of this one
+    for r, rows in groups.items():
+        for i, s in zip(rows, self._beam(r, logits[rows])): order[i] = rows[s]
+    if order != list(range(len(b))):
+        idx = torch.tensor(order, device=b.mask.device)
+        b.kv = [(k[idx], v[idx]) for k, v in b.kv]
+
+@patch
+def _beam(self:TransformersEngine, r:TokenRequest, logits:torch.Tensor)->list[int]:
+    "One beam-search step of `r` from its rows' logits: hand over what is certain; each new hypothesis's source row"
+    src = r.search.advance(F.log_softmax(logits, dim=-1))
+    r.made += 1
+    r.done = r.search.done
+    for x in r.search.certain(final=r.done):
+        if not r.put(x): r.left = True  # its event loop has closed
+    if r.done and not r.left: r.put(_END)
+    return src
 
 @patch
 def _drop(self:TransformersEngine):
@@ -239,8 +270,9 @@ def _drive(self:TransformersEngine):
             while not self.inbox and not self.batch.rows:
                 if self.closed: self.driver = None; return
                 self.cv.wait()
-            room = self.max_batch - len(self.batch)
-            new, self.inbox = self.inbox[:room], self.inbox[room:]
+            room, new = self.max_batch - len(self.batch), []
+            while self.inbox and self.inbox[0].beams <= room:  # in order: a beam search waits for its rows
+                new.append(self.inbox.pop(0)); room -= new[-1].beams
         try:
             self._admit([r for r in new if not r.left])
             self._drop()
@@ -250,10 +282,12 @@ def _drive(self:TransformersEngine):
 # %% ../../nbs/12_qlora_adapter.ipynb #e51b45ac
 @patch
 def submit(self:TransformersEngine, ids:list[int], max_tokens:int, temperature:float, top_k=None, top_p=None, seed=None,
-           put:Callable[[object], bool]=None)->TokenRequest:
+           put:Callable[[object], bool]=None, beams:int=1, length_penalty:float=1.0)->TokenRequest:
     "Queue an answer for the driver (started on first use); its tokens go to `put`"
+    if not 1 <= beams <= self.max_batch: raise ValueError(f"beams must be 1..{self.max_batch} (the batch's rows), got {beams}")
+    if beams > 1 and temperature != 0: raise ValueError("beam search is deterministic: it needs temperature 0")
     gen = torch.Generator(device=self.model.device).manual_seed(seed) if seed is not None else None
-    r = TokenRequest(list(ids), max_tokens, temperature, top_k, top_p, gen, put)
+    r = TokenRequest(list(ids), max_tokens, temperature, top_k, top_p, gen, put, beams=beams, length_penalty=length_penalty)
     with self.cv:
         if self.closed: raise ModelUnavailableError("the QLoRA model was unloaded")
         self.inbox.append(r)
@@ -265,13 +299,13 @@ def submit(self:TransformersEngine, ids:list[int], max_tokens:int, temperature:f
 
 @patch
 async def stream_tokens(self:TransformersEngine, ids:list[int], max_tokens:int, temperature:float, top_k=None, top_p=None,
-                        seed=None):
+                        seed=None, beams:int=1, length_penalty:float=1.0):
     "Yield (token id, log-probability) as the batch makes them, stopping after a stop token; leaving frees the row"
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
     def put(x)->bool:
         try: loop.call_soon_threadsafe(q.put_nowait, x); return True
         except RuntimeError: return False  # the loop has closed
-    r = self.submit(ids, max_tokens, temperature, top_k, top_p, seed, put)
+    r = self.submit(ids, max_tokens, temperature, top_k, top_p, seed, put, beams, length_penalty)
     try:
         while (x := await q.get()) is not _END:
             if isinstance(x, BaseException): raise x
@@ -353,7 +387,9 @@ async def _engine_deltas(self:QLoRAAdapter, prompt, system, history, max_tokens,
     room = eng.context - len(ids)
     if room < 1: raise ContextWindowError(f"prompt is {len(ids)} tokens; this model's context holds {eng.context}")
     deltas, logprobs, finish = TextDeltas(eng.tok), [], "length"
-    async with aclosing(eng.stream_tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed)) as toks:
+    beams = min(self.config.num_beams, eng.max_batch) if temperature == 0 else 1  # 07c_beam_search
+    async with aclosing(eng.stream_tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed, beams,
+                                          self.config.length_penalty)) as toks:
         async for tok, lp in toks:
             if tok in eng.stops: finish = "stop"; break
             logprobs.append(lp)
