@@ -283,3 +283,15 @@ async def test_the_custom_threads_setting_sets_the_engine_threads_count():
     assert r.tokens > 0 and a.batch_stats()["threads"] == 1
     a.unload()
     with pytest.raises(ValueError): get_config(custom_threads=0)
+
+
+def test_beams_go_on_when_every_hypothesis_would_rather_end():
+    "Two hypotheses whose best tokens are both stop tokens: both end as candidates, and still `beams` go on"
+    from bankllm.beam import BeamSearch, Hyp
+    s = BeamSearch(beams=2, length_penalty=1.0, stop_ids={3, 4}, max_new_tokens=10)
+    s.live = [Hyp([1], [-0.5], -0.5), Hyp([2], [-0.6], -0.6)]
+    lp = torch.tensor([[-5.0, -4.0, -6.0, -0.1, -0.2, -3.0], [-5.0, -6.0, -4.0, -0.15, -0.3, -3.5]])
+    src = s.advance(lp)
+    assert len(s.live) == 2 and len(src) == 2  # four stop extensions rank first; two hypotheses still go on
+    assert all(h.toks[-1] not in (3, 4) for h in s.live) and s.done  # two have ended: early stopping
+    assert [h.toks for h in s.ended] == [[1, 3], [1, 4]]  # the best two ended ones are kept
