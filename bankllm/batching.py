@@ -175,6 +175,7 @@ class SeqRequest:
     beams: int = 1                          # > 1: beam search (temperature 0) in this many rows (07c_beam_search)
     length_penalty: float = 1.0             # beam search: hypotheses ranked by log-prob sum / tokens ** this
     search: BeamSearch|None = None          # beam search: its hypotheses, made at prefill
+    greedy_only: tuple = ()                 # beam search: an opening only greedy's own path may take (07c_beam_search)
 
 class _Row:
     "One beam of a beam-search request in a row of the batch: `j` is its hypothesis in `req.search.live`"
@@ -327,7 +328,7 @@ def _prefill(self:BatchScheduler, joining:list[SeqRequest]):
     for b, (r, lg) in enumerate(zip(go, logits), first):
         if r.beams == 1: self._accept(r, *next_token(lg, r.temperature, r.top_k, r.top_p, r.generator))
         else:
-            r.search = BeamSearch(r.beams, r.length_penalty, r.stop_ids, r.max_new_tokens)
+            r.search = BeamSearch(r.beams, r.length_penalty, r.stop_ids, r.max_new_tokens, r.greedy_only)
             self._beam(r, [b], lg[None])
 
 @patch

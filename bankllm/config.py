@@ -126,8 +126,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr|None = None  # bearer token for admin routes (model switch)
     request_timeout_s: float = Field(60.0, gt=0)  # per-request deadline: waiting in the queue + generating
     default_max_tokens: int = Field(384, ge=1, le=1024)  # `max_tokens` of a request that gives none: typical answers finish
-    num_beams: int = Field(1, ge=1, le=8)  # temperature-0 answers: 1 = greedy; more: beam search with this many beams (07c_beam_search)
+    num_beams: int = Field(4, ge=1, le=8)  # temperature-0 answers: beam search with this many beams; 1 = greedy (07c_beam_search)
     length_penalty: float = Field(2.0, ge=0, le=4)  # beam search ranks a hypothesis by its log-prob sum / tokens ** this
+    beam_handoff_guard: bool = True  # beam search answers with the scope hand-off only where greedy decoding would (07c)
     # what HTTP clients may ask for, and what it may cost
     models: Annotated[list[str], NoDecode] = []   # extra versions clients may name (comma-separated)
     checkpoint_dirs: Annotated[list[Path], NoDecode] = []  # folders searched for named artifacts, after the package's

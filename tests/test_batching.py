@@ -295,3 +295,35 @@ def test_beams_go_on_when_every_hypothesis_would_rather_end():
     assert len(s.live) == 2 and len(src) == 2  # four stop extensions rank first; two hypotheses still go on
     assert all(h.toks[-1] not in (3, 4) for h in s.live) and s.done  # two have ended: early stopping
     assert [h.toks for h in s.ended] == [[1, 3], [1, 4]]  # the best two ended ones are kept
+
+
+def test_a_guarded_opening_is_written_only_on_greedys_own_path():
+    "`greedy_only`: beams that found another opening than greedy's cannot take it; greedy's own opening stays open to them"
+    cfg = ModelConfig.tiny(block_size=64, n_head=4, n_kv_head=2)
+    m = peaked(cfg, seed=6)
+    g = torch.Generator().manual_seed(2)
+    stops, found = frozenset({7}), 0
+    for _ in range(40):
+        p = torch.randint(0, cfg.vocab_size, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
+        greedy, free = m.generate(p, 20, temperature=0, stop_ids=stops), beam_search(m, p, 4, 20, 1.0, stops)
+        if len(free.ids) < 3 or free.ids[:2] == greedy.ids[:2]: continue
+        found += 1
+        guarded = beam_search(m, p, 4, 20, 1.0, stops, greedy_only=free.ids[:2])
+        assert guarded.ids[:2] != free.ids[:2]  # the search's own opening is off greedy's path: not taken
+        assert beam_search(m, p, 4, 20, 1.0, stops, greedy_only=greedy.ids[:2]).ids == free.ids  # greedy's: no change
+        sched = BatchScheduler(m, max_batch=6)
+        outs, _ = run(sched, [(p, 20, dict(stop_ids=stops, beams=4, length_penalty=1.0, greedy_only=tuple(free.ids[:2]))),
+                              (p, 20, dict(stop_ids=stops))])
+        assert [t for t in outs[0] if t not in stops] == guarded.ids  # the scheduler's rows follow the same rule
+        sched.close()
+    assert found >= 3  # prompts where beam search and greedy decoding open differently
+
+
+def test_a_finished_answer_beats_one_cut_at_the_limit():
+    "When the search stops, the best ended hypothesis wins even if a live (cut) one ranks higher; live ones only if none ended"
+    from bankllm.beam import BeamSearch, Hyp
+    s = BeamSearch(beams=2, length_penalty=2.0, stop_ids={3}, max_new_tokens=4)
+    s.live, s.ended = [Hyp([0, 1, 1, 1], [-0.1] * 4, -0.4)], [Hyp([2, 3], [-0.3, -0.2], -0.5)]
+    assert s.rank(s.live[0]) > s.rank(s.ended[0]) and s.best().toks == [2, 3]
+    s.ended = []
+    assert s.best().toks == [0, 1, 1, 1]

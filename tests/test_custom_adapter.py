@@ -115,3 +115,19 @@ def test_streamed_placeholder_filling_equals_filling_the_whole_text(text, cuts):
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
     out = "".join(f.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])) + f.flush()
     assert out == fill_placeholders(text, PROFILE)
+
+
+async def test_beam_answers_keep_the_handoff_opening_to_greedys_path_unless_the_setting_says_not():
+    "The shipped tokenizer's scope-opening tokens go with every beam request (`beam_handoff_guard`); greedy ones need none"
+    from bankllm.beam import SCOPE_OPENING
+    for guard in (True, False):
+        a = CustomAdapter(config=get_config(num_beams=2, beam_handoff_guard=guard), fill_placeholders=False)
+        await a.load()
+        seen, submit = [], a.scheduler.submit
+        a.scheduler.submit = lambda r: seen.append((r.beams, r.greedy_only)) or submit(r)
+        await a.generate("I lost my card", max_tokens=4, temperature=0)
+        await a.generate("I lost my card", max_tokens=4, temperature=0.7, seed=1)
+        (b0, g0), (b1, g1) = seen
+        assert (b0, b1, g1) == (2, 1, ())
+        assert (a.tok.decode(list(g0)) == SCOPE_OPENING) if guard else g0 == ()
+        a.unload()

@@ -67,10 +67,10 @@ def alone(eng, ids, n=20):
     return out
 
 
-def beam_alone(eng, ids, beams, n, alpha):
+def beam_alone(eng, ids, beams, n, alpha, greedy_only=()):
     "Beam search with a full forward pass per step (no cache, no engine): the reference"
     from bankllm.beam import BeamSearch
-    s = BeamSearch(beams, alpha, eng.stops, n)
+    s = BeamSearch(beams, alpha, eng.stops, n, greedy_only)
     with torch.inference_mode():
         logits = eng.model(input_ids=torch.tensor([ids])).logits[:, -1].float()
         while True:
@@ -243,3 +243,30 @@ async def test_a_client_that_leaves_the_adapters_stream_frees_its_row(adapter):
         await asyncio.sleep(0.01)
     assert qa._impl.batch_stats()["running"] == 0 and qa._impl.batch_stats()["steps"] < 200
     qa._unload()
+
+
+async def test_the_engine_keeps_the_guarded_opening_to_greedys_own_path(make):
+    "With `greedy_only`, the engine's beam answers equal the reference's under the same rule, beside unguarded ones"
+    eng = make(max_batch=9)
+    eng.stops, differ = {3, 17}, 0
+    for p in PROMPTS:
+        free, greedy = await answer(eng, p, 15, beams=4, length_penalty=1.0), await answer(eng, p, 15)
+        guard = tuple(free[:2])
+        got = await asyncio.gather(answer(eng, p, 15, beams=4, length_penalty=1.0, greedy_only=guard),
+                                   answer(eng, p, 15, beams=4, length_penalty=1.0))
+        assert got[0] == beam_alone(eng, p, 4, 15, 1.0, guard) and got[1] == free
+        if free[:2] != greedy[:2]: differ += 1; assert tuple(got[0][:2]) != guard  # off greedy's path: not taken
+        else: assert got[0] == free  # greedy's own opening: nothing changes
+    assert differ  # some prompts open differently with beams than greedily
+    eng.stops = set()
+
+
+def test_answer_ids_are_the_tokens_the_model_writes_after_its_chat_prompt(make):
+    from bankllm.beam import SCOPE_OPENING
+    from bankllm.data import SCOPE_ANSWER, chat_messages
+    eng = make()
+    ids = eng.answer_ids(SCOPE_OPENING)
+    prompt = eng.prompt_ids("hi", None)
+    full = eng.tok.apply_chat_template(chat_messages("hi") + [dict(role="assistant", content=SCOPE_ANSWER)], tokenize=True,
+                                       return_dict=True)["input_ids"]
+    assert list(full[len(prompt):len(prompt) + len(ids)]) == list(ids) and eng.tok.decode(ids) == SCOPE_OPENING

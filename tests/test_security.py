@@ -543,9 +543,12 @@ def test_a_client_cannot_widen_the_beam_search(tmp_path):
     with serve(tmp_path, model=model, llm_model_version=CUSTOM, num_beams=2) as srv:
         r = httpx.post(f"{srv.url}/api/v1/chat", json={"message": "hi", "max_tokens": 4, "num_beams": 8}, timeout=60)
         assert r.status_code in (400, 422) and "num_beams" in r.text, r.text
+        r = httpx.post(f"{srv.url}/api/v1/chat", json={"message": "hi", "max_tokens": 4, "beam_handoff_guard": False}, timeout=60)
+        assert r.status_code in (400, 422) and "beam_handoff_guard" in r.text, r.text
         body = oa(CUSTOM, max_tokens=4) | {"temperature": 0, "num_beams": 8, "use_beam_search": True, "best_of": 8,
-                                           "length_penalty": 4.0}
+                                           "length_penalty": 4.0, "beam_handoff_guard": False}
         r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         stats = srv.pipe.model.batch_stats()
     assert stats["max_batch_seen"] <= 2  # the configured two beams, not the eight asked for
+    assert srv.pipe.model.config.beam_handoff_guard  # and the guard stays on

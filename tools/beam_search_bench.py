@@ -1,4 +1,5 @@
 """What beam search buys and what it costs, against greedy decoding, for each model: Bitext dev ROUGE-L and topic, length, time.
+With and without the hand-off guard (`beam_handoff_guard`), at 4 beams and length penalty 2.
 
     BANKLLM_DATA_DIR=... python tools/beam_search_bench.py OUT.json NAME=MODEL [NAME=MODEL ...]
 
@@ -22,11 +23,12 @@ from bankllm.evaluation import default_classifier, evaluate, word_tokens
 from bankllm.qlora import adapter_dir
 from bankllm.training import resolve_checkpoint
 
-CUSTOM_GRID = [(1, 0.0), (2, 2.0), (4, 0.0), (4, 1.0), (4, 2.0), (8, 2.0)]  # (beams, length_penalty)
-QLORA_GRID = [(1, 0.0), (4, 1.0), (4, 2.0)]  # its engine is slower on a CPU: the settings that matter
+# (beams, length_penalty, beam_handoff_guard)
+CUSTOM_GRID = [(1, 0.0, True), (2, 2.0, True), (4, 0.0, True), (4, 1.0, True), (4, 2.0, True), (4, 2.0, False), (8, 2.0, True)]
+QLORA_GRID = [(1, 0.0, True), (4, 1.0, True), (4, 2.0, True), (4, 2.0, False)]  # its engine is slower on a CPU: what matters
 
-def adapter_for(model:str, beams:int, alpha:float):
-    cfg = get_config().model_copy(update=dict(num_beams=beams, length_penalty=alpha))
+def adapter_for(model:str, beams:int, alpha:float, guard:bool=True):
+    cfg = get_config().model_copy(update=dict(num_beams=beams, length_penalty=alpha, beam_handoff_guard=guard))
     if model.startswith("qlora_"):
         cfg = cfg.model_copy(update=dict(qlora_adapter=str(adapter_dir(model))))
         return QLoRAAdapter(model, config=cfg, engine="transformers", fill_placeholders=False)
@@ -38,15 +40,16 @@ async def main(out:Path, named:dict[str, str]):
     cfg, runs = get_config(), {}
     for name, model in named.items():
         grid = QLORA_GRID if model.startswith("qlora_") else CUSTOM_GRID
-        for beams, alpha in grid:
-            a = adapter_for(model, beams, alpha)
+        for beams, alpha, guard in grid:
+            a = adapter_for(model, beams, alpha, guard)
             t0 = time.perf_counter()
             rep = await evaluate(a, bitext, clf, cfg.default_max_tokens, concurrency=16)
             secs = time.perf_counter() - t0
             r = rep.rows.reset_index(drop=True)
-            row = dict(model=name, beams=beams, length_penalty=alpha, rouge_l=float(r.rouge_l.mean()),
+            row = dict(model=name, beams=beams, length_penalty=alpha, guard=guard, rouge_l=float(r.rouge_l.mean()),
                        rouge_l_even=float(r.rouge_l[::2].mean()), rouge_l_odd=float(r.rouge_l[1::2].mean()),
-                       topic=float(r.correct.mean()), words=float(r.answer.map(lambda s: len(word_tokens(s))).mean()),
+                       topic=float(r.correct.mean()), stop_share=float((r.finish_reason == "stop").mean()),
+                       words=float(r.answer.map(lambda s: len(word_tokens(s))).mean()),
                        seconds=round(secs, 1), answers_per_s=round(len(r) / secs, 2), errors=rep.errors)
             runs.setdefault(name, []).append(row)
             print(json.dumps(row), flush=True)

@@ -17,6 +17,7 @@ from fastcore.basics import patch
 
 from .base import BadRequestError, ContextWindowError, Generation, ModelAdapter, ModelUnavailableError
 from ..batching import BatchScheduler, LoopInbox, SeqRequest
+from ..beam import opening_ids
 from ..config import record_path
 from ..data import ANSWER_ROOM, PlaceholderFiller, file_sha256, fit_history, format_prompt, system_prompt, system_with
 from ..evaluation import dev_goals, load_quality, save_quality
@@ -80,13 +81,14 @@ class CustomAdapter(ModelAdapter):
 
 # %% ../../nbs/11_custom_adapter.ipynb #bef78f69
 @patch
-async def _tokens(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None, beams:int=1):
+async def _tokens(self:CustomAdapter, ids, max_tokens, temperature, top_k=None, top_p=None, seed=None, beams:int=1,
+                  greedy_only=()):
     "(token id, log-prob) pairs for one request, as the scheduler's steps make them (with `beams` > 1: as they become certain)"
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
     inbox = self._inboxes.get(loop) or self._inboxes.setdefault(loop, LoopInbox(loop))
     gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
     req = SeqRequest(ids, max_tokens, inbox.sender(q), temperature, top_k, top_p, gen, frozenset(self.tok.stop_ids),
-                     beams=beams, length_penalty=self.config.length_penalty)
+                     beams=beams, length_penalty=self.config.length_penalty, greedy_only=tuple(greedy_only))
     try:
         self.scheduler.submit(req)
         while (x := await q.get()) is not None:
@@ -110,7 +112,8 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
     filler = PlaceholderFiller(self.config.placeholders, fill=self.fill)  # always: a cut answer drops an unfinished placeholder
     stops, logprobs, finish, text, t0, ttft = set(self.tok.stop_ids), [], "length", [], time.perf_counter(), None
     beams = min(self.config.num_beams, self.config.max_batch) if temperature == 0 else 1  # 07c_beam_search
-    async for tok, lp in self._tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed, beams):
+    guard = opening_ids(self.tok.encode, format_prompt("hi")) if beams > 1 and self.config.beam_handoff_guard else ()
+    async for tok, lp in self._tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed, beams, guard):
         if tok in stops: finish = "stop"; break
         logprobs.append(lp)
         d = utf8.decode(self.tok.decode_bytes([tok], skip_special=True))

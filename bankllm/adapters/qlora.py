@@ -26,7 +26,7 @@ from ..config import get_config, record_path
 from ..data import ANSWER_ROOM, PlaceholderFiller, chat_messages, file_sha256, fit_history, system_prompt, system_with
 from ..evaluation import dev_goals, load_quality, save_quality
 from ..qlora import SHIPPED_QLORA_VERSION, adapter_base, adapter_dir, adapter_record, load_adapted, resolve_base
-from ..beam import BeamSearch
+from ..beam import SCOPE_OPENING, BeamSearch, opening_ids
 from ..training import find_artifact
 from ..transformer import next_token
 
@@ -152,6 +152,11 @@ class TransformersEngine:
                                            return_dict=True)
         return list(enc["input_ids"])
 
+    def answer_ids(self, text:str)->tuple[int, ...]:
+        "The tokens of `text` as this model writes it at the start of an answer (`opening_ids`, 07c_beam_search)"
+        return opening_ids(lambda s: self.tok(s, add_special_tokens=False).input_ids,
+                           self.tok.apply_chat_template(chat_messages("hi"), add_generation_prompt=True, tokenize=False), text)
+
     def memory_mb(self)->float:
         return self.model.get_memory_footprint() / 2**20
 
@@ -175,6 +180,7 @@ class TokenRequest:
     beams: int = 1                 # > 1: beam search (temperature 0) in this many rows (07c_beam_search)
     length_penalty: float = 1.0
     search: BeamSearch|None = None # beam search: its hypotheses (row j of the request's rows holds live[j])
+    greedy_only: tuple = ()        # beam search: an opening only greedy's own path may take (07c_beam_search)
 
 @patch
 def _forward(self:TransformersEngine, ids:torch.Tensor, kv:KV|None=None, mask=None, positions=None)->tuple[torch.Tensor, KV]:
@@ -205,7 +211,7 @@ def _admit(self:TransformersEngine, new:list[TokenRequest]):
         except Exception as e: r.put(AdapterError(f"the QLoRA model failed on a prompt: {type(e).__name__}: {e}")); continue
         self.counts["prefills"] += 1
         if r.beams > 1:  # the prompt's row becomes one row per live hypothesis
-            r.search = BeamSearch(r.beams, r.length_penalty, self.stops, r.max_tokens)
+            r.search = BeamSearch(r.beams, r.length_penalty, self.stops, r.max_tokens, r.greedy_only)
             n = len(self._beam(r, logits[:1]))
             kv = [(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous()) for k, v in kv]
         else: self._emit(r, logits[0]); n = 1
@@ -282,12 +288,13 @@ def _drive(self:TransformersEngine):
 # %% ../../nbs/12_qlora_adapter.ipynb #e51b45ac
 @patch
 def submit(self:TransformersEngine, ids:list[int], max_tokens:int, temperature:float, top_k=None, top_p=None, seed=None,
-           put:Callable[[object], bool]=None, beams:int=1, length_penalty:float=1.0)->TokenRequest:
+           put:Callable[[object], bool]=None, beams:int=1, length_penalty:float=1.0, greedy_only=())->TokenRequest:
     "Queue an answer for the driver (started on first use); its tokens go to `put`"
     if not 1 <= beams <= self.max_batch: raise ValueError(f"beams must be 1..{self.max_batch} (the batch's rows), got {beams}")
     if beams > 1 and temperature != 0: raise ValueError("beam search is deterministic: it needs temperature 0")
     gen = torch.Generator(device=self.model.device).manual_seed(seed) if seed is not None else None
-    r = TokenRequest(list(ids), max_tokens, temperature, top_k, top_p, gen, put, beams=beams, length_penalty=length_penalty)
+    r = TokenRequest(list(ids), max_tokens, temperature, top_k, top_p, gen, put, beams=beams, length_penalty=length_penalty,
+                     greedy_only=tuple(greedy_only))
     with self.cv:
         if self.closed: raise ModelUnavailableError("the QLoRA model was unloaded")
         self.inbox.append(r)
@@ -299,13 +306,13 @@ def submit(self:TransformersEngine, ids:list[int], max_tokens:int, temperature:f
 
 @patch
 async def stream_tokens(self:TransformersEngine, ids:list[int], max_tokens:int, temperature:float, top_k=None, top_p=None,
-                        seed=None, beams:int=1, length_penalty:float=1.0):
+                        seed=None, beams:int=1, length_penalty:float=1.0, greedy_only=()):
     "Yield (token id, log-probability) as the batch makes them, stopping after a stop token; leaving frees the row"
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
     def put(x)->bool:
         try: loop.call_soon_threadsafe(q.put_nowait, x); return True
         except RuntimeError: return False  # the loop has closed
-    r = self.submit(ids, max_tokens, temperature, top_k, top_p, seed, put, beams, length_penalty)
+    r = self.submit(ids, max_tokens, temperature, top_k, top_p, seed, put, beams, length_penalty, greedy_only)
     try:
         while (x := await q.get()) is not _END:
             if isinstance(x, BaseException): raise x
@@ -388,8 +395,9 @@ async def _engine_deltas(self:QLoRAAdapter, prompt, system, history, max_tokens,
     if room < 1: raise ContextWindowError(f"prompt is {len(ids)} tokens; this model's context holds {eng.context}")
     deltas, logprobs, finish = TextDeltas(eng.tok), [], "length"
     beams = min(self.config.num_beams, eng.max_batch) if temperature == 0 else 1  # 07c_beam_search
+    guard = eng.answer_ids(SCOPE_OPENING) if beams > 1 and self.config.beam_handoff_guard else ()
     async with aclosing(eng.stream_tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed, beams,
-                                          self.config.length_penalty)) as toks:
+                                          self.config.length_penalty, guard)) as toks:
         async for tok, lp in toks:
             if tok in eng.stops: finish = "stop"; break
             logprobs.append(lp)
