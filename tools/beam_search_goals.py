@@ -15,12 +15,13 @@ from pathlib import Path
 
 os.environ.update(BANKLLM_NUM_BEAMS="4", BANKLLM_LENGTH_PENALTY="2.0", BANKLLM_BEAM_HANDOFF_GUARD="true")
 
-from bankllm.adapters.custom import CustomAdapter, evaluate_checkpoint
-from bankllm.adapters.qlora import QLoRAAdapter, evaluate_adapter
-from bankllm.config import get_config, record_path
+from beam_search_bench import adapter_for  # tools/: the same adapters, a setting each
+from bankllm.adapters.custom import evaluate_checkpoint
+from bankllm.adapters.qlora import evaluate_adapter
+from bankllm.config import record_path
 from bankllm.evaluation import dev_goals
-from bankllm.qlora import SHIPPED_QLORA_VERSION, adapter_dir
-from bankllm.training import SHIPPED_VERSION, resolve_checkpoint
+from bankllm.qlora import SHIPPED_QLORA_VERSION
+from bankllm.training import SHIPPED_VERSION
 
 def rows(table)->list[dict]:
     "The model's two rows, labelled by how they were decoded"
@@ -43,12 +44,9 @@ async def main(out:Path, models:list[str]):
 async def no_guard(out:Path, models:list[str]):
     "Four beams with the guard off, on the same dev sets, added to the record `main` wrote"
     path = record_path(out)
-    rec, cfg = json.loads(path.read_text()), get_config(beam_handoff_guard=False)
+    rec = json.loads(path.read_text())
     for m in models:
-        if m.startswith("qlora_"):
-            a = QLoRAAdapter(adapter_dir(m).name, config=cfg.model_copy(update=dict(qlora_adapter=str(adapter_dir(m)))),
-                             engine="transformers", fill_placeholders=False)
-        else: a = CustomAdapter(resolve_checkpoint(m).name, checkpoint=resolve_checkpoint(m), config=cfg, fill_placeholders=False)
+        a = adapter_for(m, 4, 2.0, guard=False)
         t = await dev_goals(a, baselines=False, greedy=False, concurrency=16)
         a.unload()
         row = t.to_dict("records")[0] | {"decoding": "4 beams, no guard"}

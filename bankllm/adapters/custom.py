@@ -58,6 +58,7 @@ class CustomAdapter(ModelAdapter):
     def _load(self):
         if isinstance(self.checkpoint, Exception): raise ModelUnavailableError(f"{self.version}: {self.checkpoint}")
         self.model, self.tok = load_checkpoint(self.checkpoint, self.device)
+        self.handoff_ids = opening_ids(self.tok.encode, format_prompt("hi"))  # beam search's guarded opening (07c)
         self.scheduler = BatchScheduler(self.model, self.config.max_batch, name=f"bankllm-batch-{self.version}",
                                         threads=self.config.custom_threads)
 
@@ -112,7 +113,7 @@ async def _stream(self:CustomAdapter, prompt, max_tokens, temperature, top_k=Non
     filler = PlaceholderFiller(self.config.placeholders, fill=self.fill)  # always: a cut answer drops an unfinished placeholder
     stops, logprobs, finish, text, t0, ttft = set(self.tok.stop_ids), [], "length", [], time.perf_counter(), None
     beams = min(self.config.num_beams, self.config.max_batch) if temperature == 0 else 1  # 07c_beam_search
-    guard = opening_ids(self.tok.encode, format_prompt("hi")) if beams > 1 and self.config.beam_handoff_guard else ()
+    guard = self.handoff_ids if beams > 1 and self.config.beam_handoff_guard else ()
     async for tok, lp in self._tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed, beams, guard):
         if tok in stops: finish = "stop"; break
         logprobs.append(lp)

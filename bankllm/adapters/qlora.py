@@ -12,6 +12,7 @@ __all__ = ['KV', 'vllm_installed', 'pick_engine', 'QLoRAAdapter', 'join_rows', '
 import asyncio, importlib.util, inspect, itertools, json, logging, math, queue, re, threading, time
 from contextlib import aclosing
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -151,6 +152,9 @@ class TransformersEngine:
         enc = self.tok.apply_chat_template(chat_messages(prompt, system, history), add_generation_prompt=True, tokenize=True,
                                            return_dict=True)
         return list(enc["input_ids"])
+
+    @cached_property
+    def handoff_ids(self)->tuple[int, ...]: return self.answer_ids(SCOPE_OPENING)  # beam search's guarded opening
 
     def answer_ids(self, text:str)->tuple[int, ...]:
         "The tokens of `text` as this model writes it at the start of an answer (`opening_ids`, 07c_beam_search)"
@@ -395,7 +399,7 @@ async def _engine_deltas(self:QLoRAAdapter, prompt, system, history, max_tokens,
     if room < 1: raise ContextWindowError(f"prompt is {len(ids)} tokens; this model's context holds {eng.context}")
     deltas, logprobs, finish = TextDeltas(eng.tok), [], "length"
     beams = min(self.config.num_beams, eng.max_batch) if temperature == 0 else 1  # 07c_beam_search
-    guard = eng.answer_ids(SCOPE_OPENING) if beams > 1 and self.config.beam_handoff_guard else ()
+    guard = eng.handoff_ids if beams > 1 and self.config.beam_handoff_guard else ()
     async with aclosing(eng.stream_tokens(ids, min(max_tokens, room), temperature, top_k, top_p, seed, beams,
                                           self.config.length_penalty, guard)) as toks:
         async for tok, lp in toks:
