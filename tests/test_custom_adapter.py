@@ -2,7 +2,7 @@
 import asyncio
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from bankllm.adapters.base import BadRequestError
 from bankllm.adapters.custom import CustomAdapter
@@ -110,6 +110,7 @@ def test_the_version_names_the_shipped_checkpoint_and_settings_can_override(tmp_
 @given(text=st.lists(st.sampled_from(["{{", "}}", "{", "}", "Customer Support Phone Number", "Bank Name", " call ",
                                       "Unknown Thing", "💳", "é", "\n"]), max_size=25).map("".join),
        cuts=st.lists(st.integers(0, 200), max_size=8))
+@example(text="{{" + "Customer Support Phone Number" * 3 + "}}", cuts=[85])  # longer than a name: text, whole or streamed
 def test_streamed_placeholder_filling_equals_filling_the_whole_text(text, cuts):
     f = PlaceholderFiller(PROFILE)
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
